@@ -1,0 +1,41 @@
+"""SO-100 datasets: registry, sources (hub / local / synthetic), synthetic generator, validation.
+
+Names are imported lazily so that light users (e.g. the decode worker processes of the validation)
+do not pay for pandas, pydantic or LeRobot imports.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+_EXPORTS = {
+    "SO100_JOINTS": "so100",
+    "CAMERA_KEYS": "so100",
+    "so100_features": "so100",
+    "SyntheticSpec": "synthetic",
+    "write_synthetic_so100": "synthetic",
+    "DatasetSource": "registry",
+    "DatasetEntry": "registry",
+    "DatasetRegistry": "registry",
+    "load_registry": "registry",
+    "FetchResult": "sources",
+    "fetch_dataset": "sources",
+    "CheckOutcome": "validation",
+    "ValidationReport": "validation",
+    "validate_dataset": "validation",
+    "CHECK_NAMES": "validation",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str) -> Any:
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    return getattr(importlib.import_module(f"{__name__}.{module}"), name)
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))

@@ -1,0 +1,93 @@
+"""The one ``Definitions`` object of the code location (workspace.yaml loads this module).
+
+``ZK0_DEPLOYMENT`` picks the resources: ``offline`` (default: synthetic datasets, tiny SmolVLA, sqlite
+MLflow, Hub dry run) or ``production`` (Hub datasets at pinned revisions, ``lerobot/smolvla_base``,
+real Hub push with ``HF_TOKEN``). Assets never change between the two.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import dagster as dg
+
+from zk0_pipelines import settings
+from zk0_pipelines.defs import ingest_assets, release_assets, training_assets
+from zk0_pipelines.defs.automation import (
+    new_so100_datasets,
+    nightly_federated_training,
+    validated_datasets_changed,
+)
+from zk0_pipelines.defs.jobs import federated_training, ingest_datasets, release
+from zk0_pipelines.defs.resources import (
+    DatasetDiscoveryResource,
+    DatasetRegistryResource,
+    DvcResource,
+    HfHubPublisherResource,
+    HubPublisherResource,
+    MlflowResource,
+    PolicyResource,
+    TrainingTriggerResource,
+)
+
+settings.configure_local_env()
+
+
+def build_resources(deployment: str | None = None) -> dict[str, Any]:
+    """Resources for a deployment name (``offline`` or ``production``)."""
+    deployment = deployment or os.environ.get("ZK0_DEPLOYMENT", "offline")
+    mlflow = MlflowResource(tracking_uri=os.environ.get("MLFLOW_TRACKING_URI") or None)
+    # Asset values (small dicts of paths and metrics) persist in the instance's storage folder, so a
+    # job can read what an earlier run materialised (release after training, UI re-executions).
+    io_manager = dg.FilesystemIOManager()
+    shared = {
+        "mlflow": mlflow,
+        "io_manager": io_manager,
+        "dataset_discovery": DatasetDiscoveryResource(
+            drop_folder=os.environ.get("ZK0_DROP_FOLDER", ".zk0/drop"),
+            hub_search=os.environ.get("ZK0_HUB_SEARCH") or None,
+        ),
+        "training_trigger": TrainingTriggerResource(
+            nightly_force=os.environ.get("ZK0_NIGHTLY_FORCE", "").lower() in ("1", "true", "yes")
+        ),
+    }
+    if deployment == "offline":
+        return {
+            "dataset_registry": DatasetRegistryResource(
+                registry_path=os.environ.get("ZK0_DATASET_REGISTRY", "configs/datasets.demo.yaml")
+            ),
+            "dvc": DvcResource(),
+            "policy": PolicyResource(source="tiny"),
+            "hub": HubPublisherResource(),
+            **shared,
+        }
+    if deployment == "production":
+        return {
+            "dataset_registry": DatasetRegistryResource(
+                registry_path=os.environ.get("ZK0_DATASET_REGISTRY", "configs/datasets.so100.yaml")
+            ),
+            "dvc": DvcResource(remote_url=os.environ.get("ZK0_DVC_REMOTE") or None),
+            "policy": PolicyResource(
+                source="pretrained",
+                pretrained_path="lerobot/smolvla_base",
+                revision=os.environ.get("ZK0_SMOLVLA_REVISION") or None,
+            ),
+            "hub": HfHubPublisherResource(repo_id=os.environ.get("ZK0_HUB_REPO_ID") or None),
+            **shared,
+        }
+    raise ValueError(f"ZK0_DEPLOYMENT must be 'offline' or 'production', got {deployment!r}")
+
+
+def build_definitions(resources: dict[str, Any] | None = None) -> dg.Definitions:
+    """Assemble assets, checks, jobs and resources; ``resources`` defaults to ``build_resources()``."""
+    return dg.Definitions(
+        assets=dg.load_assets_from_modules([ingest_assets, training_assets, release_assets]),
+        jobs=[ingest_datasets, federated_training, release],
+        sensors=[new_so100_datasets, validated_datasets_changed],
+        schedules=[nightly_federated_training],
+        resources=resources if resources is not None else build_resources(),
+    )
+
+
+defs = build_definitions()

@@ -1,0 +1,131 @@
+"""Ingest: fetch each registry dataset at its pinned revision, validate it, admit or quarantine it."""
+
+import shutil
+from typing import Any
+
+import dagster as dg
+
+from zk0_pipelines import settings
+from zk0_pipelines.datasets.admission import admit, quarantine
+from zk0_pipelines.datasets.sources import fetch_dataset
+from zk0_pipelines.datasets.validation import CHECK_NAMES, validate_dataset
+from zk0_pipelines.defs.partitions import SO100_DATASETS
+from zk0_pipelines.defs.resources import DatasetRegistryResource
+
+
+@dg.asset(
+    partitions_def=SO100_DATASETS,
+    group_name="ingest",
+    kinds={"lerobot", "huggingface"},
+    description=(
+        "One SO-100/SO-101 LeRobot dataset fetched at its pinned revision (Hub), copied (local folder) "
+        "or written by the synthetic generator (offline default), into a staging folder."
+    ),
+)
+def so100_dataset(context: dg.AssetExecutionContext, dataset_registry: DatasetRegistryResource) -> dict[str, Any]:
+    """Fetch the partition's dataset into ``.zk0/staging/<id>`` and record the resolved revision."""
+    dataset_id = context.partition_key
+    registry = dataset_registry.load()
+    entry = registry.get(dataset_id)
+    dest = settings.staging_dir() / dataset_id
+    if dest.exists():
+        shutil.rmtree(dest)  # our own staging copy of an earlier attempt, never user data
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    result = fetch_dataset(entry, dest)
+    fetched = {
+        "dataset_id": dataset_id,
+        "role": entry.role,
+        "source_kind": result.source_kind,
+        "source": entry.source.model_dump(mode="json", exclude_none=True),
+        "resolved_revision": result.resolved_revision,
+        "staged_path": str(result.path),
+    }
+    context.add_output_metadata(
+        {
+            "role": entry.role,
+            "source_kind": result.source_kind,
+            "resolved_revision": result.resolved_revision,
+            "staged_path": dg.MetadataValue.path(str(result.path)),
+        }
+    )
+    return fetched
+
+
+@dg.asset(
+    partitions_def=SO100_DATASETS,
+    group_name="ingest",
+    kinds={"lerobot"},
+    check_specs=[dg.AssetCheckSpec(name=name, asset="validated_dataset") for name in CHECK_NAMES],
+    description=(
+        "The dataset after the validation suite (every video frame decoded, frame counts, timestamps, "
+        "schema, NaN/Inf). Passing datasets move to data/<id>; failing ones are quarantined (kept, "
+        "flagged with the report, excluded from training)."
+    ),
+)
+def validated_dataset(context: dg.AssetExecutionContext, so100_dataset: dict[str, Any]):
+    """Validate the staged dataset, then admit it into ``data/`` or quarantine it."""
+    dataset_id = so100_dataset["dataset_id"]
+    staged = settings.staging_dir() / dataset_id
+    report = validate_dataset(staged, dataset_id)
+    check_results = [
+        dg.AssetCheckResult(
+            check_name=outcome.name,
+            passed=outcome.passed,
+            severity=dg.AssetCheckSeverity.ERROR,
+            description=outcome.message,
+            metadata={k: _metadata_value(v) for k, v in outcome.details.items()},
+        )
+        for outcome in report.checks
+        if outcome.name in CHECK_NAMES
+    ]
+    evaluated = {outcome.name for outcome in report.checks}
+    check_results += [
+        dg.AssetCheckResult(
+            check_name=name,
+            passed=False,
+            severity=dg.AssetCheckSeverity.ERROR,
+            description="not evaluated: the dataset failed an earlier, prerequisite check",
+        )
+        for name in CHECK_NAMES
+        if name not in evaluated
+    ]
+    summary = {
+        "frames": report.stats.get("frames"),
+        "episodes": report.stats.get("episodes"),
+    }
+    if report.passed:
+        provenance = {
+            "dataset_id": dataset_id,
+            "role": so100_dataset["role"],
+            "source": so100_dataset["source"],
+            "resolved_revision": so100_dataset["resolved_revision"],
+            "validation": summary,
+        }
+        path = admit(staged, dataset_id, provenance)
+        status = "validated"
+    else:
+        path = quarantine(staged, dataset_id, report.to_dict())
+        status = "quarantined"
+        context.log.error(
+            f"dataset {dataset_id!r} quarantined at {path}: "
+            + "; ".join(f"{f.name}: {f.message}" for f in report.failures)
+        )
+    metadata: dict[str, Any] = {
+        "status": status,
+        "path": dg.MetadataValue.path(str(path)),
+        "resolved_revision": so100_dataset["resolved_revision"],
+        "failed_checks": ", ".join(f.name for f in report.failures) or "none",
+    }
+    metadata.update({f"stats/{k}": _metadata_value(v) for k, v in report.stats.items()})
+    value = {**so100_dataset, "status": status, "path": str(path), "stats": report.stats}
+    yield dg.Output(value, metadata=metadata)
+    yield from check_results
+
+
+def _metadata_value(value: Any) -> Any:
+    """Dagster metadata accepts scalars, lists and dicts of JSON; everything else becomes text."""
+    if isinstance(value, (str, int, float, bool)) or value is None:
+        return value
+    if isinstance(value, (list, tuple, dict)):
+        return dg.MetadataValue.json(value if not isinstance(value, tuple) else list(value))
+    return str(value)

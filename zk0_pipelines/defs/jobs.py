@@ -1,0 +1,25 @@
+"""Jobs: ingest (per dataset partition), federated training (snapshot → registered model), release."""
+
+from __future__ import annotations
+
+import dagster as dg
+
+ingest_datasets = dg.define_asset_job(
+    name="ingest_datasets",
+    selection=dg.AssetSelection.assets("so100_dataset", "validated_dataset"),
+    description="Fetch one dataset at its pinned revision, validate it, admit it to data/ or quarantine it.",
+)
+
+federated_training = dg.define_asset_job(
+    name="federated_training",
+    selection=dg.AssetSelection.assets(
+        "dataset_snapshot", "federated_model", "server_evaluation", "registered_model"
+    ),
+    description="DVC snapshot of data/ → Flower federated run → server evaluation → MLflow model version.",
+)
+
+release = dg.define_asset_job(
+    name="release",
+    selection=dg.AssetSelection.assets("hub_release"),
+    description="Publish the latest registered model (pushed only if it is the champion and a token is set).",
+)

@@ -1,0 +1,136 @@
+"""Registry and release: MLflow model version with its lineage, then the Hugging Face Hub folder."""
+
+import shutil
+from pathlib import Path
+from typing import Any
+
+import dagster as dg
+
+from zk0_pipelines import settings
+from zk0_pipelines.defs.resources import HubPublisherResource, MlflowResource
+from zk0_pipelines.tracking.hub_release import build_model_card
+from zk0_pipelines.tracking.mlflow_registry import config_hash, git_commit, library_versions
+
+
+def lineage_tags(federated_model: dict[str, Any]) -> dict[str, str]:
+    """The tags that tie a model version to the exact data, code and config it was trained with."""
+    datasets = federated_model["datasets"]
+    tags = {
+        "dvc_md5": federated_model["dvc_md5"],
+        "datasets.train": ",".join(d["id"] for d in datasets if d["role"] == "train"),
+        "datasets.eval": ",".join(d["id"] for d in datasets if d["role"] == "eval"),
+        "git_commit": git_commit(settings.repo_root()),
+        "config_hash": config_hash(federated_model["config"]),
+    }
+    tags.update({f"revision.{d['id']}": str(d["resolved_revision"]) for d in datasets})
+    tags.update({f"version.{k}": v for k, v in library_versions().items()})
+    return tags
+
+
+@dg.asset(
+    group_name="registry",
+    kinds={"mlflow"},
+    description=(
+        "An MLflow model version of the federated run: params, per-round and per-client metrics, plots, "
+        "checkpoint; tags carry the DVC md5, dataset revisions, git commit, config hash; alias challenger, "
+        "champion only when it beats the current champion's server eval loss."
+    ),
+)
+def registered_model(
+    context: dg.AssetExecutionContext,
+    federated_model: dict[str, Any],
+    server_evaluation: dict[str, Any],
+    mlflow: MlflowResource,
+) -> dict[str, Any]:
+    """Log the run to MLflow and register the final checkpoint as a model version."""
+    registry = mlflow.registry()
+    tags = lineage_tags(federated_model)
+    run_id = registry.log_federated_run(
+        run_name=f"federated-{context.run_id[:8]}",
+        params=federated_model["config"],
+        round_metrics=federated_model["rounds"],
+        client_metrics=federated_model["clients"],
+        plots={"server_eval.png": Path(server_evaluation["plot"])},
+        checkpoint_dir=Path(federated_model["final_checkpoint"]),
+        tags={**tags, "dagster_run_id": context.run_id},
+    )
+    version = registry.register_version(
+        mlflow.model_name,
+        run_id,
+        tags=tags,
+        eval_loss=server_evaluation["final_eval_loss"],
+        promote_rule=mlflow.promote_rule,
+    )
+    context.add_output_metadata(
+        {
+            "model_name": version.name,
+            "version": int(version.version),
+            "aliases": ", ".join(version.aliases),
+            "promoted": version.promoted,
+            "decision": version.decision,
+            "mlflow_run_id": run_id,
+            "mlflow_tracking_uri": registry.tracking_uri,
+            "dvc_md5": tags["dvc_md5"],
+            "data_fingerprint": federated_model["data_fingerprint"],
+        }
+    )
+    return {
+        "model_name": version.name,
+        "version": str(version.version),
+        "aliases": list(version.aliases),
+        "promoted": version.promoted,
+        "run_id": run_id,
+        "tags": tags,
+    }
+
+
+@dg.asset(
+    group_name="release",
+    kinds={"huggingface"},
+    description=(
+        "A lerobot-loadable folder (config, safetensors, pre/post-processors) with a model card, pushed to "
+        "the Hugging Face Hub for the champion when a token and repo are configured; otherwise a dry run."
+    ),
+)
+def hub_release(
+    context: dg.AssetExecutionContext,
+    registered_model: dict[str, Any],
+    federated_model: dict[str, Any],
+    server_evaluation: dict[str, Any],
+    hub: HubPublisherResource,
+) -> dict[str, Any]:
+    """Write the release folder with its model card and publish it (or dry-run)."""
+    name, version = registered_model["model_name"], registered_model["version"]
+    folder = settings.state_dir() / "releases" / f"{name}-v{version}"
+    if folder.exists():
+        shutil.rmtree(folder)  # our own output of an earlier attempt at this same version
+    shutil.copytree(federated_model["final_checkpoint"], folder)
+    shutil.copy2(server_evaluation["plot"], folder / "server_eval.png")
+    clients = sorted({str(c["client"]) for c in federated_model["clients"]})
+    card = build_model_card(
+        model_name=name,
+        repo_id=hub.repo_id,
+        metrics_table=server_evaluation["rounds"],
+        rounds=len(federated_model["rounds"]),
+        clients=clients,
+        datasets=[{"id": d["id"], "revision": d["resolved_revision"], "role": d["role"]}
+                  for d in federated_model["datasets"]],
+        dvc_md5=federated_model["dvc_md5"],
+        loss_plot="server_eval.png",
+        lineage={"mlflow_model": f"{name}/{version}", **registered_model["tags"]},
+    )
+    (folder / "README.md").write_text(card)
+    is_champion = "champion" in registered_model["aliases"]
+    if is_champion:
+        outcome = hub.publish(folder, tag=f"v{version}")
+    else:
+        outcome = {"dry_run": True, "skipped": "not the champion: only the champion is pushed"}
+    context.add_output_metadata(
+        {
+            "folder": dg.MetadataValue.path(str(folder)),
+            "champion": is_champion,
+            "dry_run": bool(outcome.get("dry_run", False)),
+            "outcome": dg.MetadataValue.json({k: str(v) for k, v in outcome.items()}),
+        }
+    )
+    return {"folder": str(folder), "champion": is_champion, **{k: str(v) for k, v in outcome.items()}}

@@ -1,0 +1,180 @@
+"""Training: DVC snapshot of the validated datasets → Flower federated run → server evaluation."""
+
+import base64
+from pathlib import Path
+from typing import Any
+
+import dagster as dg
+import pandas as pd
+
+from zk0_pipelines import settings
+from zk0_pipelines.datasets.admission import admitted_datasets, data_fingerprint
+from zk0_pipelines.defs.ingest_assets import validated_dataset
+from zk0_pipelines.defs.resources import DatasetRegistryResource, DvcResource, PolicyResource
+from zk0_pipelines.federated.launcher import run_federated
+from zk0_pipelines.tracking.mlflow_registry import plot_round_metrics
+
+
+class FederatedTrainingConfig(dg.Config):
+    """Run knobs of a federated training run (the Launchpad defaults are the offline demo's)."""
+
+    num_server_rounds: int = 2
+    strategy: str = "fedavg"
+    proximal_mu: float = 0.0
+    local_steps: int = 2
+    batch_size: int = 2
+    learning_rate: float = 1e-4
+    seed: int = 0
+    min_available_clients: int = 1
+    eval_every: int = 1
+    chunk_size: int = 10
+    wire_dtype: str = "float32"
+
+    def run_config(self) -> dict[str, Any]:
+        """The Flower run config (kebab-case keys) this config stands for."""
+        return {key.replace("_", "-"): value for key, value in self.model_dump().items()}
+
+
+@dg.asset(
+    group_name="training",
+    kinds={"dvc"},
+    deps=[validated_dataset],
+    description=(
+        "data/ pinned by data.dvc: `dvc add data` + `dvc push` to the configured remote. Its md5 is the "
+        "lineage key that training, MLflow and the registry carry. Unchanged data makes no new snapshot."
+    ),
+)
+def dataset_snapshot(
+    context: dg.AssetExecutionContext, dataset_registry: DatasetRegistryResource, dvc: DvcResource
+) -> dict[str, Any]:
+    """Snapshot the validated datasets that the registry names; list what is excluded and why."""
+    registry = dataset_registry.load()
+    included = admitted_datasets()
+    admitted_ids = {d.dataset_id for d in included}
+    excluded = {e.id: _exclusion_reason(e.id) for e in registry.entries if e.id not in admitted_ids}
+    if not any(d.role == "train" for d in included):
+        raise dg.Failure(
+            "no validated training dataset in data/: ingest the registry's datasets first "
+            f"(registry {dataset_registry.registry_path}; excluded: {excluded or 'none'})"
+        )
+    snap = dvc.repo().snapshot("data")
+    datasets = [
+        {
+            "id": d.dataset_id,
+            "role": d.role,
+            "path": str(d.path),
+            "resolved_revision": d.provenance.get("resolved_revision"),
+        }
+        for d in included
+    ]
+    context.add_output_metadata(
+        {
+            "dvc_md5": snap.md5,
+            "data_fingerprint": data_fingerprint(included),
+            "changed": snap.changed,
+            "nfiles": snap.nfiles,
+            "size_bytes": snap.size,
+            "datasets": dg.MetadataValue.md(pd.DataFrame(datasets).to_markdown(index=False)),
+            "excluded": dg.MetadataValue.json(excluded),
+        }
+    )
+    return {
+        "dvc_md5": snap.md5,
+        "data_fingerprint": data_fingerprint(included),
+        "changed": snap.changed,
+        "datasets": datasets,
+        "excluded": excluded,
+    }
+
+
+def _exclusion_reason(dataset_id: str) -> str:
+    quarantined = settings.quarantine_dir() / dataset_id
+    if quarantined.exists():
+        return f"quarantined ({quarantined})"
+    return "not ingested yet"
+
+
+@dg.asset(
+    group_name="training",
+    kinds={"flower", "pytorch"},
+    description=(
+        "SmolVLA fine-tuned with Flower (Message API): one client per validated training dataset, "
+        "FedAvg/FedProx, only trainable parameters on the wire, a checkpoint per round."
+    ),
+)
+def federated_model(
+    context: dg.AssetExecutionContext,
+    config: FederatedTrainingConfig,
+    dataset_snapshot: dict[str, Any],
+    policy: PolicyResource,
+) -> dict[str, Any]:
+    """Run the federated training on the snapshot's datasets and return where its outputs are."""
+    train = [Path(d["path"]) for d in dataset_snapshot["datasets"] if d["role"] == "train"]
+    evals = [Path(d["path"]) for d in dataset_snapshot["datasets"] if d["role"] == "eval"]
+    if not evals:
+        raise dg.Failure("no validated held-out eval dataset in the snapshot: server evaluation needs one")
+    run_config = config.run_config()
+    run_config.update(
+        {
+            "policy-source": policy.source,
+            "pretrained-path": policy.pretrained_path,
+            **({"pretrained-revision": policy.revision} if policy.revision else {}),
+        }
+    )
+    run_dir = settings.runs_dir() / context.run_id
+    result = run_federated(train, evals, run_dir, run_config)
+    rounds = pd.DataFrame(result.rounds)
+    context.add_output_metadata(
+        {
+            "run_dir": dg.MetadataValue.path(str(result.run_dir)),
+            "final_checkpoint": dg.MetadataValue.path(str(result.final_checkpoint)),
+            "num_clients": len(train),
+            "rounds": dg.MetadataValue.md(rounds.to_markdown(index=False)),
+            "dvc_md5": dataset_snapshot["dvc_md5"],
+        }
+    )
+    return {
+        "run_dir": str(result.run_dir),
+        "final_checkpoint": str(result.final_checkpoint),
+        "rounds": result.rounds,
+        "clients": result.clients,
+        "config": result.config,
+        "dvc_md5": dataset_snapshot["dvc_md5"],
+        "data_fingerprint": dataset_snapshot["data_fingerprint"],
+        "datasets": dataset_snapshot["datasets"],
+    }
+
+
+@dg.asset(
+    group_name="training",
+    kinds={"pytorch"},
+    description="Server-side evaluation on the held-out datasets after each round: the loss curve and best round.",
+)
+def server_evaluation(context: dg.AssetExecutionContext, federated_model: dict[str, Any]) -> dict[str, Any]:
+    """Summarise the per-round server evaluation and plot the curve."""
+    rounds = [r for r in federated_model["rounds"] if r.get("eval_loss") is not None]
+    if not rounds:
+        raise dg.Failure("the federated run produced no server evaluation: check eval-every and eval datasets")
+    best = min(rounds, key=lambda r: r["eval_loss"])
+    final = rounds[-1]
+    plot = plot_round_metrics(federated_model["rounds"], Path(federated_model["run_dir"]) / "server_eval.png")
+    context.add_output_metadata(
+        {
+            "final_eval_loss": float(final["eval_loss"]),
+            "best_round": int(best["round"]),
+            "best_eval_loss": float(best["eval_loss"]),
+            "curve": dg.MetadataValue.md(pd.DataFrame(rounds).to_markdown(index=False)),
+            "plot": dg.MetadataValue.md(_inline_png(plot)),
+        }
+    )
+    return {
+        "final_eval_loss": float(final["eval_loss"]),
+        "best_round": int(best["round"]),
+        "best_eval_loss": float(best["eval_loss"]),
+        "rounds": rounds,
+        "plot": str(plot),
+    }
+
+
+def _inline_png(path: Path) -> str:
+    return f"![{path.name}](data:image/png;base64,{base64.b64encode(path.read_bytes()).decode()})"

@@ -1,0 +1,162 @@
+"""Flower ClientApp (Message API): one SO-100 dataset per client, SmolVLA trainable parameters on the wire.
+
+Which dataset: a SuperNode started with node config ``dataset-path=<root>`` uses that folder (deployment: each
+SuperNode is given only its own dataset); otherwise (simulation) ``train-datasets[partition-id]``.
+
+Handlers:
+
+- ``query``: reports the dataset's normalisation stats, features and frame count (see ``task`` module doc).
+- ``train``: builds SmolVLA locally (cached), checks the frozen-weight fingerprint sent by the server, loads
+  the received trainable weights, runs ``local-steps`` seeded steps (FedProx term when ``proximal-mu`` is in
+  the config) and replies with its weights (float32 wire) or its update (bfloat16 wire) and metrics.
+- ``evaluate``: seeded flow-matching loss of the received weights on the local dataset.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from pathlib import Path
+
+from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.clientapp import ClientApp
+
+from zk0_pipelines.federated import task, wire
+from zk0_pipelines.federated.run_config import RunConfig, parse_run_config
+
+log = logging.getLogger(__name__)
+
+app = ClientApp()
+
+INFO_KEY = "client-info"
+
+
+def dataset_root(node_config: dict, cfg: RunConfig) -> tuple[Path, int]:
+    """``(dataset root, partition id or -1)`` of this client from its node config and the run config."""
+    if "dataset-path" in node_config:
+        return Path(str(node_config["dataset-path"])), int(node_config.get("partition-id", -1))
+    if "partition-id" not in node_config:
+        raise ValueError(
+            "node config has neither 'dataset-path' (deployment) nor 'partition-id' (simulation)"
+        )
+    pid = int(node_config["partition-id"])
+    paths = cfg.train_paths
+    if not 0 <= pid < len(paths):
+        raise ValueError(
+            f"partition-id {pid} has no dataset: run config 'train-datasets' lists {len(paths)} path(s)"
+        )
+    return paths[pid], pid
+
+
+def _client_key(root: Path, pid: int) -> int:
+    if pid >= 0:
+        return pid
+    return int(hashlib.sha256(str(root).encode()).hexdigest()[:8], 16)
+
+
+def _setup(context: Context) -> tuple[RunConfig, Path, int]:
+    from zk0_pipelines.settings import configure_local_env
+
+    configure_local_env()
+    cfg = parse_run_config(dict(context.run_config))
+    root, pid = dataset_root(dict(context.node_config), cfg)
+    return cfg, root, pid
+
+
+def _info(root: Path, pid: int, **extra) -> ConfigRecord:
+    return ConfigRecord({"dataset": str(root), "partition-id": pid, **extra})
+
+
+def _runtime(cfg: RunConfig, root: Path, conf: ConfigRecord):
+    from zk0_pipelines.federated.runtime import get_client_runtime
+
+    for key in ("frozen-fingerprint", "norm-stats"):
+        if key not in conf:
+            raise ValueError(f"server message config lacks '{key}' (server and client app versions differ?)")
+    runtime = get_client_runtime(root, cfg.policy_spec())
+    task.check_fingerprint(str(conf["frozen-fingerprint"]), runtime.fingerprint, where=f"client {root}")
+    return runtime
+
+
+@app.query()
+def query(msg: Message, context: Context) -> Message:
+    """Report the local dataset's normalisation stats, features and frame count."""
+    _, root, pid = _setup(context)
+    meta = task.open_metadata(root)
+    stats = task.normalized_stats(meta.stats)
+    info = _info(
+        root,
+        pid,
+        **{
+            "num-frames": int(meta.total_frames),
+            "features-json": json.dumps(meta.features, sort_keys=True),
+            "stats-json": wire.stats_to_json(stats),
+        },
+    )
+    return Message(RecordDict({INFO_KEY: info}), reply_to=msg)
+
+
+@app.train()
+def train(msg: Message, context: Context) -> Message:
+    """Local training round on this client's dataset."""
+    from zk0_pipelines.policy import load_trainable_state, trainable_state
+
+    cfg, root, pid = _setup(context)
+    conf = msg.content["config"]
+    runtime = _runtime(cfg, root, conf)
+    preprocessor, _ = runtime.processors(str(conf["norm-stats"]))
+    received = wire.decode_state(msg.content["arrays"])
+    load_trainable_state(runtime.policy, received)
+    server_round = int(conf.get("global-round", conf.get("server-round", 0)))
+    result = task.train_local(
+        runtime.policy,
+        preprocessor,
+        runtime.dataset,
+        steps=cfg.local_steps,
+        batch_size=cfg.batch_size,
+        learning_rate=cfg.learning_rate,
+        weight_decay=cfg.weight_decay,
+        grad_clip_norm=cfg.grad_clip_norm,
+        proximal_mu=float(conf.get("proximal-mu", 0.0)),
+        seed=task.mixed_seed(cfg.seed, server_round, _client_key(root, pid)),
+    )
+    updated = trainable_state(runtime.policy)
+    payload = updated if cfg.wire_dtype == "float32" else wire.sub_state(updated, received)
+    log.info("client %s round %s: loss %.4f", root.name, server_round, result.train_loss)
+    content = RecordDict(
+        {
+            "arrays": wire.encode_state(payload, cfg.wire_dtype),
+            "metrics": MetricRecord(result.to_metrics()),
+            INFO_KEY: _info(root, pid, round=server_round),
+        }
+    )
+    return Message(content, reply_to=msg)
+
+
+@app.evaluate()
+def evaluate(msg: Message, context: Context) -> Message:
+    """Seeded flow-matching loss of the received global weights on the local dataset."""
+    from zk0_pipelines.policy import load_trainable_state
+
+    cfg, root, pid = _setup(context)
+    conf = msg.content["config"]
+    runtime = _runtime(cfg, root, conf)
+    preprocessor, _ = runtime.processors(str(conf["norm-stats"]))
+    load_trainable_state(runtime.policy, wire.decode_state(msg.content["arrays"]))
+    loss, count = task.evaluate_loss(
+        runtime.policy,
+        preprocessor,
+        runtime.dataset,
+        batch_size=cfg.batch_size,
+        seed=cfg.seed,
+        max_batches=cfg.eval_max_batches,
+    )
+    server_round = int(conf.get("global-round", conf.get("server-round", 0)))
+    content = RecordDict(
+        {
+            "metrics": MetricRecord({"eval-loss": loss, "num-examples": count}),
+            INFO_KEY: _info(root, pid, round=server_round),
+        }
+    )
+    return Message(content, reply_to=msg)

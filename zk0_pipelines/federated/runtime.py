@@ -1,0 +1,78 @@
+"""Per-process cache of what a client builds once and reuses across rounds (policy, dataset, processors).
+
+In simulation a Ray actor serves several rounds (and possibly several partitions); in deployment a SuperNode's
+ClientApp process serves its rounds. Building SmolVLA and opening the dataset once per (dataset, PolicySpec)
+keeps later rounds cheap. The frozen-weight fingerprint is computed once at build time: those weights are
+never trained, so it stays valid.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import threading
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from zk0_pipelines.federated import task, wire
+
+_LOCK = threading.Lock()
+_CACHE: OrderedDict[tuple[str, str], ClientRuntime] = OrderedDict()
+
+
+def _cache_size() -> int:
+    return max(1, int(os.environ.get("ZK0_CLIENT_CACHE_SIZE", "4")))
+
+
+@dataclass
+class ClientRuntime:
+    """A client's policy, dataset and processors for one dataset root and one PolicySpec."""
+
+    root: Path
+    meta: Any
+    policy: Any
+    dataset: Any
+    fingerprint: str
+    _processors: dict[str, tuple[Any, Any]] = field(default_factory=dict)
+
+    def processors(self, stats_json: str) -> tuple[Any, Any]:
+        """Pre/post-processors normalising with ``stats_json`` (the run's aggregated stats), cached."""
+        from zk0_pipelines.policy import build_processors
+
+        key = task.stats_digest(stats_json)
+        if key not in self._processors:
+            self._processors.clear()
+            self._processors[key] = build_processors(self.policy, wire.stats_from_json(stats_json))
+        return self._processors[key]
+
+
+def get_client_runtime(root: Path, spec) -> ClientRuntime:
+    """The cached :class:`ClientRuntime` for ``root`` and ``spec`` (a ``PolicySpec``), built on first use."""
+    from zk0_pipelines.policy import build_policy, frozen_fingerprint
+
+    key = (str(Path(root).resolve()), json.dumps(spec.to_dict(), sort_keys=True))
+    with _LOCK:
+        if key in _CACHE:
+            _CACHE.move_to_end(key)
+            return _CACHE[key]
+        meta = task.open_metadata(Path(root))
+        policy = build_policy(spec, meta)
+        runtime = ClientRuntime(
+            root=Path(root),
+            meta=meta,
+            policy=policy,
+            dataset=task.open_dataset(Path(root), policy, meta),
+            fingerprint=frozen_fingerprint(policy),
+        )
+        _CACHE[key] = runtime
+        while len(_CACHE) > _cache_size():
+            _CACHE.popitem(last=False)
+        return runtime
+
+
+def clear_cache() -> None:
+    """Drop every cached runtime (tests)."""
+    with _LOCK:
+        _CACHE.clear()

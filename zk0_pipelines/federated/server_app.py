@@ -1,0 +1,329 @@
+"""Flower ServerApp (Message API): FedAvg/FedProx over SmolVLA's trainable parameters.
+
+Order of a run (``run_server``):
+
+1. validate the run config (``ValueError`` naming the key, before any round);
+2. wait for the quorum (``min-available-clients``), then a *query* round: each client reports its dataset's
+   features, frame count and normalisation stats; features must agree; stats are merged (``task`` doc);
+3. build the global SmolVLA from the same ``PolicySpec`` + the clients' features; its frozen-weight
+   fingerprint goes to the clients with every round's config (they refuse to train on a mismatch);
+4. ``strategy.start`` with only the trainable parameters as ``initial_arrays``; after every round the
+   ``evaluate_fn`` loads the aggregate, computes the seeded server loss on the eval datasets (when due), the
+   update norm, and writes a checkpoint and ``metrics.json`` (``recorder`` doc);
+5. export the final global policy to ``<output-dir>/final``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import random
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from flwr.app import ConfigRecord, Context, Message, MessageType, MetricRecord, RecordDict
+from flwr.serverapp import Grid, ServerApp
+from flwr.serverapp.strategy import Result
+
+from zk0_pipelines.federated import recorder as rec
+from zk0_pipelines.federated import task, wire
+from zk0_pipelines.federated.run_config import RunConfig, parse_run_config
+from zk0_pipelines.federated.strategy import ClientFailure, make_strategy
+
+log = logging.getLogger(__name__)
+
+app = ServerApp()
+
+NORMALIZATION_RULE = (
+    "frame-weighted merge (lerobot aggregate_stats) of the clients' observation.*/action stats, "
+    "collected in a query round before training; used by clients, server eval and exported processors"
+)
+
+
+@app.main()
+def main(grid: Grid, context: Context) -> None:
+    """ServerApp entry point: validate the run config, then :func:`run_server`."""
+    from zk0_pipelines.settings import configure_local_env, runs_dir
+
+    configure_local_env()
+    cfg = parse_run_config(dict(context.run_config))
+    output_dir = Path(cfg.output_dir) if cfg.output_dir else runs_dir() / f"flwr-{context.run_id}"
+    run_server(grid, cfg, output_dir, run_id=context.run_id)
+
+
+def wait_for_quorum(grid: Grid, quorum: int, timeout_s: float) -> list[int]:
+    """Node ids once at least ``quorum`` nodes are connected; ``TimeoutError`` after ``timeout_s``."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        nodes = sorted(grid.get_node_ids())
+        if len(nodes) >= quorum:
+            return nodes
+        if time.monotonic() > deadline:
+            raise TimeoutError(
+                f"only {len(nodes)} client(s) connected after {timeout_s:.0f}s; "
+                f"min-available-clients = {quorum}"
+            )
+        time.sleep(1.0)
+
+
+@dataclass
+class ClientReport:
+    """What a client reported in the query round."""
+
+    node_id: int
+    dataset: str
+    partition_id: int
+    num_frames: int
+    features: dict[str, Any]
+    stats: dict[str, dict[str, np.ndarray]]
+
+
+def query_clients(grid: Grid, node_ids: list[int], timeout_s: float) -> list[ClientReport]:
+    """Query round: every node reports its dataset's features, frame count and normalisation stats."""
+    messages = [
+        Message(
+            RecordDict({"config": ConfigRecord({"server-round": 0})}),
+            dst_node_id=nid,
+            message_type=MessageType.QUERY,
+        )
+        for nid in node_ids
+    ]
+    replies = list(grid.send_and_receive(messages, timeout=timeout_s))
+    failed = [m for m in replies if m.has_error()]
+    if failed:
+        details = "; ".join(f"node {m.metadata.src_node_id}: {m.error.reason}" for m in failed)
+        raise ClientFailure(f"{len(failed)} client(s) failed in the query round: {details}")
+    if len(replies) < len(node_ids):
+        raise TimeoutError(
+            f"query round: {len(replies)} of {len(node_ids)} clients replied within {timeout_s}s"
+        )
+    reports = []
+    for msg in sorted(replies, key=lambda m: m.metadata.src_node_id):
+        info = msg.content["client-info"]
+        reports.append(
+            ClientReport(
+                node_id=int(msg.metadata.src_node_id),
+                dataset=str(info["dataset"]),
+                partition_id=int(info["partition-id"]),
+                num_frames=int(info["num-frames"]),
+                features=json.loads(str(info["features-json"])),
+                stats=wire.stats_from_json(str(info["stats-json"])),
+            )
+        )
+    return reports
+
+
+def check_same_features(named_features: list[tuple[str, dict[str, Any]]]) -> dict[str, Any]:
+    """The shared feature dict; ``ValueError`` naming the datasets whose dtypes/shapes differ."""
+    reference_name, reference = named_features[0]
+    ref_sig = task.features_signature(reference)
+    bad = [name for name, feats in named_features[1:] if task.features_signature(feats) != ref_sig]
+    if bad:
+        raise ValueError(f"dataset(s) {bad} have features (dtype/shape) different from {reference_name}")
+    return reference
+
+
+class ServerEvaluator:
+    """Seeded flow-matching loss of the global policy on the server's eval datasets (per dataset, overall)."""
+
+    def __init__(self, cfg: RunConfig, policy, preprocessor, features: dict[str, Any]) -> None:
+        self.cfg = cfg
+        self.policy = policy
+        self.preprocessor = preprocessor
+        self.datasets: dict[str, Any] = {}
+        for index, root in enumerate(cfg.eval_paths):
+            meta = task.open_metadata(root)
+            check_same_features(
+                [("the clients' datasets", features), (f"eval dataset {root}", meta.features)]
+            )
+            name = root.name if root.name not in self.datasets else f"{root.name}-{index}"
+            self.datasets[name] = task.open_dataset(root, policy, meta)
+
+    def __call__(self) -> dict[str, float]:
+        """``{"eval-loss": overall, "eval-loss/<dataset>": ..., "eval-samples": n}`` (sample-weighted)."""
+        out: dict[str, float] = {}
+        total, count = 0.0, 0
+        for name, dataset in self.datasets.items():
+            loss, n = task.evaluate_loss(
+                self.policy,
+                self.preprocessor,
+                dataset,
+                batch_size=self.cfg.batch_size,
+                seed=self.cfg.seed,
+                max_batches=self.cfg.eval_max_batches,
+            )
+            out[f"eval-loss/{name}"] = loss
+            total += loss * n
+            count += n
+        out["eval-loss"] = total / count
+        out["eval-samples"] = count
+        return out
+
+
+def model_card(
+    cfg: RunConfig, server_round: int, reports: list[ClientReport], eval_loss: float | None
+) -> str:
+    """Short markdown card for exported folders."""
+    lines = [
+        "# zk0 federated SmolVLA",
+        "",
+        f"Federated fine-tuning of SmolVLA ({cfg.policy_source}) with Flower ({cfg.strategy}), "
+        f"global round {server_round} of {cfg.num_server_rounds}.",
+        "",
+        f"- clients: {len(reports)} ({', '.join(Path(r.dataset).name for r in reports)})",
+        f"- local steps {cfg.local_steps}, batch {cfg.batch_size}, lr {cfg.learning_rate}, seed {cfg.seed}",
+        f"- normalisation: {NORMALIZATION_RULE}",
+    ]
+    if eval_loss is not None:
+        lines.append(f"- server eval loss (seeded flow matching): {eval_loss:.6f}")
+    return "\n".join(lines) + "\n"
+
+
+def run_server(grid: Grid, cfg: RunConfig, output_dir: Path, *, run_id: int | str | None = None) -> Result:
+    """Run the whole federated training (module doc); records ``failed`` in metrics.json on any error."""
+    metrics_path = Path(output_dir) / rec.METRICS_FILE
+    previous = json.loads(metrics_path.read_text()) if cfg.resume and metrics_path.is_file() else {}
+    recorder = rec.RunRecorder(output_dir, cfg.to_dict(), run_id=run_id)
+    recorder.write()
+    try:
+        result = _run(grid, cfg, Path(output_dir), recorder, previous)
+    except BaseException as exc:
+        recorder.finish("failed", error=f"{type(exc).__name__}: {exc}")
+        raise
+    return result
+
+
+def _run(
+    grid: Grid, cfg: RunConfig, output_dir: Path, recorder: rec.RunRecorder, previous: dict[str, Any]
+) -> Result:
+    from zk0_pipelines.policy import (
+        build_policy,
+        build_processors,
+        export_policy_folder,
+        frozen_fingerprint,
+        load_trainable_state,
+        trainable_state,
+    )
+
+    random.seed(cfg.seed)  # Flower samples nodes with `random`
+    np.random.seed(cfg.seed % 2**32)
+    torch.manual_seed(cfg.seed)
+
+    node_ids = wait_for_quorum(grid, cfg.min_available_clients, cfg.quorum_timeout_s)
+    reports = query_clients(grid, node_ids, cfg.round_timeout_s)
+    features = check_same_features([(r.dataset, r.features) for r in reports])
+    stats = task.aggregate_client_stats([r.stats for r in reports])
+    stats_json = wire.stats_to_json(stats)
+    recorder.set(
+        "norm-stats",
+        {
+            "rule": NORMALIZATION_RULE,
+            "digest": task.stats_digest(stats_json),
+            "clients": [{"dataset": r.dataset, "num-frames": r.num_frames} for r in reports],
+            "stats": json.loads(stats_json),
+        },
+    )
+
+    policy = build_policy(cfg.policy_spec(), task.PolicyMeta(features=features, stats=stats))
+    preprocessor, postprocessor = build_processors(policy, stats)
+    fingerprint = frozen_fingerprint(policy)
+    state = trainable_state(policy)
+    recorder.set(
+        "policy",
+        {
+            "spec": cfg.policy_spec().to_dict(),
+            "frozen-fingerprint": fingerprint,
+            "trainable-tensors": len(state),
+            "trainable-params": int(sum(t.numel() for t in state.values())),
+            "payload-bytes-float32": int(sum(t.numel() * 4 for t in state.values())),
+        },
+    )
+
+    offset = 0
+    if cfg.resume and (latest := rec.latest_checkpoint(output_dir)) is not None:
+        offset, folder = latest
+        info, state = rec.read_checkpoint(folder)
+        if info.get("frozen-fingerprint") != fingerprint:
+            raise ValueError(f"cannot resume from {folder}: it was trained with different frozen weights")
+        recorder.restore(previous, offset)
+        log.info("resuming after round %d from %s", offset, folder)
+    load_trainable_state(policy, state)
+
+    evaluator = ServerEvaluator(cfg, policy, preprocessor, features)
+    last = {"state": {k: v.clone() for k, v in state.items()}, "eval": None}
+    round_info = {
+        "strategy": cfg.strategy,
+        "run-config": cfg.to_dict(),
+        "frozen-fingerprint": fingerprint,
+        "norm-stats-digest": task.stats_digest(stats_json),
+        "clients": [r.dataset for r in reports],
+    }
+
+    def evaluate_fn(server_round: int, arrays) -> MetricRecord | None:
+        global_round = offset + server_round
+        if server_round == 0 and offset > 0:
+            return None  # the baseline of a resumed run was recorded by the first run
+        current = wire.decode_state(arrays)
+        load_trainable_state(policy, current)
+        values: dict[str, Any] = {}
+        metrics = None
+        if cfg.should_evaluate(global_round):
+            t0 = time.perf_counter()
+            metrics = evaluator()
+            values["server-eval"] = metrics
+            values["server-eval-time-s"] = time.perf_counter() - t0
+            last["eval"] = metrics["eval-loss"]
+        if server_round > 0:
+            delta = wire.sub_state(current, last["state"])
+            values["update-norm"] = wire.l2_norm(delta)
+            values["update-norm-relative"] = values["update-norm"] / max(wire.l2_norm(last["state"]), 1e-12)
+            folder = rec.write_checkpoint(
+                output_dir,
+                global_round,
+                policy=policy,
+                preprocessor=preprocessor,
+                postprocessor=postprocessor,
+                trainable=current,
+                round_info=round_info,
+                card_markdown=model_card(cfg, global_round, reports, last["eval"]),
+            )
+            values["checkpoint"] = str(folder)
+        last["state"] = current
+        recorder.finish_round(global_round, **values)
+        return MetricRecord(metrics) if metrics else None
+
+    strategy = make_strategy(cfg, recorder.observe, num_nodes=len(node_ids), round_offset=offset)
+    run_conf = {"frozen-fingerprint": fingerprint, "norm-stats": stats_json}
+    result = strategy.start(
+        grid=grid,
+        initial_arrays=wire.encode_state(state, "float32"),
+        num_rounds=cfg.num_server_rounds - offset,
+        timeout=cfg.round_timeout_s,
+        train_config=ConfigRecord(dict(run_conf)),
+        evaluate_config=ConfigRecord(dict(run_conf)),
+        evaluate_fn=evaluate_fn,
+    )
+    if len(result.arrays) > 0:
+        load_trainable_state(policy, wire.decode_state(result.arrays))
+    final = export_policy_folder(
+        policy,
+        preprocessor,
+        postprocessor,
+        output_dir / rec.FINAL_DIR,
+        card_markdown=model_card(cfg, cfg.num_server_rounds, reports, last["eval"]),
+        overwrite=True,
+    )
+    evals = [
+        (r["round"], r["server-eval"]["eval-loss"]) for r in recorder.data["rounds"] if r.get("server-eval")
+    ]
+    best = min(evals, key=lambda item: item[1]) if evals else None
+    recorder.finish(
+        "completed",
+        final=str(final),
+        **{"best-round": best[0] if best else None, "best-eval-loss": best[1] if best else None},
+    )
+    return result

@@ -1,0 +1,249 @@
+"""Data, local training and seeded evaluation shared by the ClientApp and the ServerApp.
+
+Normalisation rule (one set of statistics per run): every client reports the lerobot ``meta/stats.json``
+statistics of its own dataset (only ``observation.*`` and ``action`` features, with their frame counts) in a
+query round before training; the server merges them with lerobot's ``aggregate_stats`` (means and variances
+weighted by frame count, min/max over clients, quantiles frame-weighted). That single set is sent to every
+client with each round's config and used by the clients' preprocessors, the server evaluation and the
+exported checkpoints, so weights and normaliser always agree. Frames never leave a client.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from zk0_pipelines.federated import wire
+
+log = logging.getLogger(__name__)
+
+NORMALIZED_PREFIXES = ("observation.",)
+NORMALIZED_KEYS = ("action",)
+
+
+@dataclass
+class PolicyMeta:
+    """Stand-in for ``LeRobotDatasetMetadata`` when only features (and stats) are known, e.g. on the server.
+
+    ``make_policy`` reads ``features`` (for the policy's input/output shapes) and ``stats``.
+    """
+
+    features: dict[str, Any]
+    stats: dict[str, dict[str, np.ndarray]] | None = None
+
+
+def repo_id_for(root: Path) -> str:
+    """A local repo id for a dataset folder (lerobot wants ``owner/name``; nothing is fetched)."""
+    return f"local/{Path(root).name}"
+
+
+def open_metadata(root: Path):
+    """``LeRobotDatasetMetadata`` of a local dataset folder; a clear error when the folder is not one."""
+    from lerobot.datasets.lerobot_dataset import LeRobotDatasetMetadata
+
+    root = Path(root)
+    if not (root / "meta" / "info.json").is_file():
+        raise FileNotFoundError(f"dataset {root} has no meta/info.json (not a LeRobot v3 dataset folder)")
+    return LeRobotDatasetMetadata(repo_id_for(root), root=root)
+
+
+def open_dataset(root: Path, policy, meta=None):
+    """The client's ``LeRobotDataset`` (pyav decoding) with the policy's delta timestamps (action chunk)."""
+    from lerobot.datasets.factory import resolve_delta_timestamps
+    from lerobot.datasets.lerobot_dataset import LeRobotDataset
+
+    root = Path(root)
+    meta = meta if meta is not None else open_metadata(root)
+    delta = resolve_delta_timestamps(policy.config, meta)
+    return LeRobotDataset(repo_id_for(root), root=root, delta_timestamps=delta, video_backend="pyav")
+
+
+def normalized_stats(stats: Mapping[str, Mapping[str, Any]]) -> dict[str, dict[str, np.ndarray]]:
+    """The features the policy normalises (``observation.*``, ``action``) out of a dataset's stats."""
+    return {
+        key: {name: np.asarray(v) for name, v in value.items()}
+        for key, value in stats.items()
+        if key in NORMALIZED_KEYS or key.startswith(NORMALIZED_PREFIXES)
+    }
+
+
+def aggregate_client_stats(
+    stats_list: list[dict[str, dict[str, np.ndarray]]],
+) -> dict[str, dict[str, np.ndarray]]:
+    """Frame-count weighted merge of per-client stats (lerobot ``aggregate_stats``); all clients same keys."""
+    from lerobot.datasets.compute_stats import aggregate_stats
+
+    if not stats_list:
+        raise ValueError("no client statistics to aggregate")
+    keys = [sorted(s) for s in stats_list]
+    if any(k != keys[0] for k in keys):
+        raise ValueError(f"clients report different normalised features: {keys}")
+    return aggregate_stats(stats_list)
+
+
+def stats_digest(stats_json: str) -> str:
+    """Short digest of a stats JSON (cache key for preprocessors, recorded in checkpoints)."""
+    return hashlib.sha256(stats_json.encode()).hexdigest()[:16]
+
+
+def features_signature(features: Mapping[str, Any]) -> str:
+    """Canonical JSON of the feature dtypes and shapes (what determines the policy's architecture)."""
+    sig = {k: {"dtype": v.get("dtype"), "shape": list(v.get("shape", []))} for k, v in features.items()}
+    return json.dumps(sig, sort_keys=True)
+
+
+def check_fingerprint(expected: str, actual: str, where: str) -> None:
+    """Raise if the frozen-weight fingerprint of a locally built policy differs from the server's."""
+    if expected != actual:
+        raise ValueError(
+            f"frozen weights of the policy built at {where} differ from the server's (fingerprint "
+            f"{actual[:16]}… != {expected[:16]}…): same PolicySpec and dataset features are required on "
+            "every participant (check policy-source/pretrained-path/pretrained-revision/chunk-size/seed and "
+            "the dataset schema)"
+        )
+
+
+def mixed_seed(*parts: int) -> int:
+    """A 63-bit seed mixed from non-negative integers (no collisions like ``seed + round + partition``)."""
+    state = np.random.SeedSequence([int(p) for p in parts]).generate_state(1, np.uint64)
+    return int(state[0]) & 0x7FFFFFFFFFFFFFFF
+
+
+def _infinite_batches(dataset, batch_size: int, generator: torch.Generator):
+    loader = torch.utils.data.DataLoader(
+        dataset, batch_size=batch_size, shuffle=True, num_workers=0, generator=generator, drop_last=False
+    )
+    while True:
+        yield from loader
+
+
+@dataclass
+class TrainResult:
+    """Metrics of one local training run (keys match the MetricRecord sent to the server)."""
+
+    train_loss: float
+    grad_norm: float
+    proximal_term: float
+    num_examples: int
+    samples_seen: int
+    step_time_s: float
+    client_update_norm: float
+    extra: dict[str, float] = field(default_factory=dict)
+
+    def to_metrics(self) -> dict[str, float | int]:
+        """Flower MetricRecord content."""
+        return {
+            "train-loss": self.train_loss,
+            "grad-norm": self.grad_norm,
+            "proximal-term": self.proximal_term,
+            "num-examples": self.num_examples,
+            "samples-seen": self.samples_seen,
+            "step-time-s": self.step_time_s,
+            "client-update-norm": self.client_update_norm,
+        }
+
+
+def train_local(
+    policy,
+    preprocessor,
+    dataset,
+    *,
+    steps: int,
+    batch_size: int,
+    learning_rate: float,
+    weight_decay: float = 1e-10,
+    grad_clip_norm: float = 10.0,
+    proximal_mu: float = 0.0,
+    seed: int = 0,
+) -> TrainResult:
+    """Run ``steps`` AdamW steps on the trainable parameters (SmolVLA preset: betas 0.9/0.95, eps 1e-8).
+
+    Batches are drawn with a ``torch.Generator`` seeded by ``seed``; the flow-matching noise/time use the
+    global torch RNG inside ``fork_rng`` seeded by ``seed`` too, so the caller's RNG is left untouched and the
+    run is reproducible. With ``proximal_mu > 0`` the FedProx term ``(mu/2)*||w - w_start||^2`` is added to
+    the loss before backward (``w_start`` = the weights at entry, i.e. the received global weights).
+    ``num_examples`` is the number of frames in the client dataset (FedAvg's n_k weighting).
+    """
+    named = {n: p for n, p in policy.named_parameters() if p.requires_grad}
+    if not named:
+        raise ValueError("policy has no trainable parameters")
+    start = {n: p.detach().clone() for n, p in named.items()}
+    optimizer = torch.optim.AdamW(
+        list(named.values()), lr=learning_rate, betas=(0.9, 0.95), eps=1e-8, weight_decay=weight_decay
+    )
+    generator = torch.Generator().manual_seed(seed)
+    batches = _infinite_batches(dataset, batch_size, generator)
+    losses, grad_norms, prox_terms, step_times = [], [], [], []
+    samples = 0
+    policy.train()
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        for _ in range(steps):
+            t0 = time.perf_counter()
+            batch = preprocessor(next(batches))
+            loss, _ = policy.forward(batch)
+            if not torch.isfinite(loss):
+                raise FloatingPointError(f"non-finite training loss {loss.item()}")
+            prox = wire.proximal_term(named, start, proximal_mu) if proximal_mu > 0 else torch.zeros(())
+            (loss + prox).backward()
+            max_norm = grad_clip_norm if grad_clip_norm > 0 else math.inf
+            grad_norm = torch.nn.utils.clip_grad_norm_(list(named.values()), max_norm)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            step_times.append(time.perf_counter() - t0)
+            losses.append(float(loss.detach()))
+            grad_norms.append(float(grad_norm))
+            prox_terms.append(float(prox.detach()))
+            samples += int(batch["action"].shape[0])
+    drift = wire.l2_norm({n: p.detach() - start[n] for n, p in named.items()})
+    return TrainResult(
+        train_loss=float(np.mean(losses)),
+        grad_norm=float(np.mean(grad_norms)),
+        proximal_term=float(np.mean(prox_terms)),
+        num_examples=len(dataset),
+        samples_seen=samples,
+        step_time_s=float(np.mean(step_times)),
+        client_update_norm=drift,
+    )
+
+
+@torch.no_grad()
+def evaluate_loss(
+    policy, preprocessor, dataset, *, batch_size: int, seed: int, max_batches: int = 0
+) -> tuple[float, int]:
+    """Seeded flow-matching loss of ``policy`` on ``dataset`` (fixed order, fixed noise and time).
+
+    Frames are read in order; before batch ``i`` the torch RNG (forked, so the caller's is untouched) is
+    re-seeded with ``mixed_seed(seed, i)``, so SmolVLA's noise and time samples depend only on the seed and
+    the batch: the same weights give the same number. Returns ``(mean loss per sample, samples)``.
+    """
+    loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=0)
+    was_training = policy.training
+    policy.eval()
+    total, count = 0.0, 0
+    try:
+        with torch.random.fork_rng(devices=[]):
+            for index, raw in enumerate(loader):
+                if max_batches and index >= max_batches:
+                    break
+                torch.manual_seed(mixed_seed(seed, index))
+                batch = preprocessor(raw)
+                loss, _ = policy.forward(batch)
+                n = int(batch["action"].shape[0])
+                total += float(loss) * n
+                count += n
+    finally:
+        policy.train(was_training)
+    if count == 0:
+        raise ValueError("evaluation dataset yielded no samples")
+    return total / count, count
