@@ -79,7 +79,9 @@ def _validated(roots: list[Path], workers: int) -> tuple[int, float, list[str]]:
 
 def main(argv: list[str] | None = None) -> int:
     """Run the benchmark; prints the ratio on the last line."""
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--root", type=Path, help="a dataset or a folder of datasets (default: generate)")
     parser.add_argument("--out", type=Path, default=None, help="where to generate (default .zk0/bench/...)")
     parser.add_argument("--datasets", type=int, default=4)
@@ -112,7 +114,10 @@ def main(argv: list[str] | None = None) -> int:
         best_val = seconds if best_val is None else min(best_val, seconds)
     raw_fps = frames_raw / best_raw
     val_fps = frames_val / best_val
-    print(f"raw PyAV decode (1 process, defaults): {frames_raw} frames in {best_raw:.3f} s = {raw_fps:.0f} frames/s")
+    print(
+        f"raw PyAV decode (1 process, defaults): {frames_raw} frames in {best_raw:.3f} s "
+        f"= {raw_fps:.0f} frames/s"
+    )
     print(
         f"validate_dataset (all checks, {args.workers} workers): {frames_val} frames in {best_val:.3f} s "
         f"= {val_fps:.0f} frames/s"

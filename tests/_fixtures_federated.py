@@ -19,7 +19,9 @@ TINY_CONFIG = {
 MOTIONS = ("reach", "wave", "circle", "push")
 
 
-def make_datasets(base: Path, count: int, *, prefix: str = "client", frames: int = 20, seed0: int = 0) -> list[Path]:
+def make_datasets(
+    base: Path, count: int, *, prefix: str = "client", frames: int = 20, seed0: int = 0
+) -> list[Path]:
     """``count`` synthetic SO-100 datasets (1 episode x ``frames`` frames, distinct task + motion each)."""
     from zk0_pipelines.datasets.synthetic import SyntheticSpec, write_synthetic_so100
 
@@ -50,7 +52,9 @@ class InProcessGrid(Grid):
         TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 1, 1
         self.client_app = client_app
         self.contexts = {
-            100 + i: Context(run_id=1, node_id=100 + i, node_config=dict(nc), state=RecordDict(), run_config=run_config)
+            100 + i: Context(
+                run_id=1, node_id=100 + i, node_config=dict(nc), state=RecordDict(), run_config=run_config
+            )
             for i, nc in enumerate(node_configs)
         }
         self.sent: dict[str, int] = {}

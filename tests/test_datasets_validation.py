@@ -252,3 +252,24 @@ def test_missing_dataset_folder_fails_every_check(tmp_path: Path) -> None:
     report = _validate(tmp_path / "nope")
     assert [c.name for c in report.failures] == list(CHECK_NAMES)
     assert "does not exist" in report.failures[0].message
+
+
+def test_unreferenced_video_file_fails_frame_counts(dataset_copy: Path) -> None:  # noqa: F811
+    extra = dataset_copy / "videos" / TOP / "chunk-000" / "file-001.mp4"
+    extra.write_bytes((dataset_copy / video_rel(TOP)).read_bytes())
+    report = _validate(dataset_copy)
+    _assert_fails(
+        report, "frame_counts", "videos/observation.images.top/chunk-000/file-001.mp4", "not referenced"
+    )
+    assert report.check("video_decode").passed
+    assert report.stats["decoded_frames"] == 180
+
+
+def test_decoder_threads_do_not_change_the_result(clean_dataset: Path) -> None:  # noqa: F811
+    from zk0_pipelines.datasets._decode import decode_video_file
+
+    path = str(clean_dataset / video_rel(WRIST))
+    one = decode_video_file(path, [(0, 0, 30), (1, 30, 60)], min_run=2, threads=1)
+    two = decode_video_file(path, [(0, 0, 30), (1, 30, 60)], min_run=2, threads=2)
+    assert one.error is None and one.decoded == two.decoded == one.declared == 60
+    assert one.longest_run == two.longest_run

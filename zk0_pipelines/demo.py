@@ -61,7 +61,7 @@ def run_lineage(
     if new:
         instance.add_dynamic_partitions(SO100_DATASETS.name, new)
 
-    ingest = defs.get_job_def("ingest_datasets")
+    ingest = defs.resolve_job_def("ingest_datasets")
     for dataset_id in ids:
         result = ingest.execute_in_process(instance=instance, partition_key=dataset_id, raise_on_error=False)
         if result.success:
@@ -73,7 +73,7 @@ def run_lineage(
     run_config = None
     if training_config:
         run_config = {"ops": {"federated_model": {"config": training_config}}}
-    training = defs.get_job_def("federated_training").execute_in_process(
+    training = defs.resolve_job_def("federated_training").execute_in_process(
         instance=instance, run_config=run_config, raise_on_error=False
     )
     if not training.success:
@@ -82,7 +82,7 @@ def run_lineage(
     summary.snapshot = _output(training, "dataset_snapshot")
     summary.registered = _output(training, "registered_model")
 
-    released = defs.get_job_def("release").execute_in_process(instance=instance, raise_on_error=False)
+    released = defs.resolve_job_def("release").execute_in_process(instance=instance, raise_on_error=False)
     if not released.success:
         summary.errors.append(f"release failed: {_first_error(released)}")
         return summary

@@ -35,21 +35,13 @@ class DecodeResult:
         return asdict(self)
 
 
-def _luma_key(frame: av.VideoFrame) -> bytes | np.ndarray:
-    """The luma plane of a frame without row padding (bytes when there is no padding: cheapest)."""
+def _luma_key(frame: av.VideoFrame) -> bytes:
+    """The luma plane of a frame as bytes, row padding removed (two frames are equal iff these are)."""
     plane = frame.planes[0]
     if plane.line_size == plane.width:
         return bytes(plane)
     view = np.frombuffer(plane, np.uint8).reshape(-1, plane.line_size)[: plane.height, : plane.width]
-    return view.copy()
-
-
-def _same(a: bytes | np.ndarray | None, b: bytes | np.ndarray) -> bool:
-    if a is None:
-        return False
-    if isinstance(a, bytes) and isinstance(b, bytes):
-        return a == b
-    return bool(np.array_equal(a, b))
+    return view.copy().tobytes()  # copy() first: tobytes() of a strided view is slow
 
 
 def decode_video_file(
@@ -80,7 +72,7 @@ def decode_video_file(
     bounds = sorted(segments, key=lambda s: s[1]) if segments else [(-1, 0, 1 << 62)]
     seg_idx = 0
     current_seg: int | None = None
-    prev_key: bytes | np.ndarray | None = None
+    prev_key: bytes | None = None
     run_start = 0
     run_len = 0
 
@@ -112,7 +104,7 @@ def decode_video_file(
                 if seg != current_seg:
                     close_run()
                     current_seg, run_start, run_len = seg, index, 1
-                elif _same(prev_key, key):
+                elif key == prev_key:
                     run_len += 1
                 else:
                     close_run()

@@ -16,9 +16,11 @@ import math
 import multiprocessing
 import os
 import sys
+import threading
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from concurrent.futures import ProcessPoolExecutor, as_completed
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -533,6 +535,9 @@ def _plan_videos(ctx: _Ctx) -> list[str]:
             cols = [
                 f"videos/{key}/{c}" for c in ("chunk_index", "file_index", "from_timestamp", "to_timestamp")
             ]
+            if not isinstance(row.get("episode_index"), int):
+                problems.append(f"{row['_file']}: a row has episode_index {row.get('episode_index')!r}")
+                continue
             if any(row.get(c) is None for c in cols):
                 problems.append(
                     f"{row['_file']}: episode {row.get('episode_index')} has no {key} video columns"
@@ -559,52 +564,109 @@ def _plan_videos(ctx: _Ctx) -> list[str]:
     return problems
 
 
-def _decode_all(
-    ctx: _Ctx, workers: int, min_run: int, progress: bool, on_result: Callable[[str], None] | None = None
-) -> float:
-    """Decode every planned video once; returns wall seconds."""
+def _decode_all(ctx: _Ctx, workers: int, min_run: int, progress: bool) -> tuple[float, int]:
+    """Decode every planned video once; returns (wall seconds, worker processes used)."""
     start = time.perf_counter()
-    jobs = {rel: (str(ctx.root / rel), task["segments"], min_run) for rel, task in ctx.video_tasks.items()}
-    if not jobs:
-        return 0.0
+    if not ctx.video_tasks:
+        return 0.0, 0
     from tqdm.auto import tqdm
 
+    n_workers = max(1, min(workers, len(ctx.video_tasks)))
+    if n_workers > 1 and not _main_is_importable():
+        n_workers = 1  # worker processes re-import __main__; a script read from stdin cannot be
+    # v3 datasets pack many episodes into few large files: when there are fewer files than cores,
+    # let the decoder thread inside each file, but only for frames large enough to profit from it.
+    spare = max(1, workers // n_workers)
+    jobs = {
+        rel: (
+            str(ctx.root / rel),
+            task["segments"],
+            min_run,
+            spare if _frame_area(ctx, task["key"]) >= _THREADED_DECODE_MIN_AREA else 1,
+        )
+        for rel, task in ctx.video_tasks.items()
+    }
     bar = tqdm(total=len(jobs), desc=f"validate {ctx.dataset_id}", unit="video", disable=not progress)
     try:
-        n_workers = max(1, min(workers, len(jobs)))
         if n_workers == 1:
             for rel, args in jobs.items():
                 ctx.decoded[rel] = decode_video_file(*args)
                 bar.update(1)
         else:
-            with ProcessPoolExecutor(max_workers=n_workers, mp_context=_pool_context()) as pool:
-                futures = {pool.submit(decode_video_file, *args): rel for rel, args in jobs.items()}
-                for future in as_completed(futures):
-                    rel = futures[future]
-                    try:
-                        ctx.decoded[rel] = future.result()
-                    except Exception as exc:  # noqa: BLE001 - a crashed worker is a finding for that file
-                        ctx.decoded[rel] = DecodeResult(path=jobs[rel][0], error=f"worker failed: {exc!r}")
-                    bar.update(1)
+            pool = _get_pool(n_workers)
+            futures = {pool.submit(decode_video_file, *args): rel for rel, args in jobs.items()}
+            broken = False
+            for future in as_completed(futures):
+                rel = futures[future]
+                try:
+                    ctx.decoded[rel] = future.result()
+                except Exception as exc:  # noqa: BLE001 - a crashed worker is a finding for that file
+                    broken = broken or isinstance(exc, BrokenProcessPool)
+                    ctx.decoded[rel] = DecodeResult(
+                        path=jobs[rel][0],
+                        error=f"decode worker failed: {exc!r} (a script that validates with workers > 1 "
+                        "needs the `if __name__ == '__main__':` guard; or pass workers=1)",
+                    )
+                bar.update(1)
+            if broken:
+                _drop_pool()
     finally:
         bar.close()
-    return time.perf_counter() - start
+    return time.perf_counter() - start, n_workers
 
 
-_CONTEXT: Any = None
+_THREADED_DECODE_MIN_AREA = 320 * 240
 
 
-def _pool_context() -> Any:
-    """A forkserver context with the decode module preloaded: safe in threaded hosts, fast to fork."""
-    global _CONTEXT
-    if _CONTEXT is None:
+def _frame_area(ctx: _Ctx, key: str) -> int:
+    feature = ((ctx.info or {}).get("features") or {}).get(key) or {}
+    shape = [v for v in feature.get("shape") or [] if isinstance(v, int) and v != 3]
+    return int(np.prod(shape)) if len(shape) == 2 else 0
+
+
+_POOL: dict[str, Any] = {}
+_POOL_LOCK = threading.Lock()
+
+
+def _main_is_importable() -> bool:
+    main = sys.modules.get("__main__")
+    path = getattr(main, "__file__", None)
+    return path is None or os.path.exists(path)
+
+
+def _get_pool(n_workers: int) -> ProcessPoolExecutor:
+    """A process pool kept between calls (workers stay warm), rebuilt when the size changes.
+
+    Workers come from a forkserver with the decode module preloaded: safe in threaded hosts (Dagster,
+    torch), and a new worker costs a fork rather than a fresh interpreter.
+    """
+    with _POOL_LOCK:
+        pool = _POOL.get("pool")
+        if pool is not None and _POOL.get("size") == n_workers:
+            return pool
+        if pool is not None:
+            pool.shutdown(wait=False, cancel_futures=True)
         if "forkserver" in multiprocessing.get_all_start_methods():
-            ctx = multiprocessing.get_context("forkserver")
-            ctx.set_forkserver_preload(["zk0_pipelines.datasets._decode"])
+            context = multiprocessing.get_context("forkserver")
+            context.set_forkserver_preload(["zk0_pipelines.datasets._decode"])
         else:  # pragma: no cover - non-POSIX
-            ctx = multiprocessing.get_context("spawn")
-        _CONTEXT = ctx
-    return _CONTEXT
+            context = multiprocessing.get_context("spawn")
+        pool = ProcessPoolExecutor(max_workers=n_workers, mp_context=context)
+        _POOL.update(pool=pool, size=n_workers)
+        return pool
+
+
+def _drop_pool() -> None:
+    with _POOL_LOCK:
+        pool = _POOL.pop("pool", None)
+        _POOL.pop("size", None)
+    if pool is not None:
+        pool.shutdown(wait=False, cancel_futures=True)
+
+
+def shutdown_decode_pool() -> None:
+    """Stop the worker processes kept between validations (they also stop at interpreter exit)."""
+    _drop_pool()
 
 
 def _check_video_decode(ctx: _Ctx, plan_problems: list[str]) -> CheckOutcome:
@@ -720,7 +782,10 @@ def validate_dataset(
 ) -> ValidationReport:
     """Run every check of :data:`CHECK_NAMES` on the dataset folder ``root``.
 
-    ``workers`` (default ``os.cpu_count()``) processes decode the video files, one file per task.
+    ``workers`` (default ``os.cpu_count()``) processes decode the video files, one file per task; the
+    pool is kept warm between calls (:func:`shutdown_decode_pool` stops it). As with any
+    ``multiprocessing`` code, a script calling this with ``workers > 1`` needs the
+    ``if __name__ == "__main__":`` guard.
     Timestamps must be within ``timestamp_tolerance_s`` (default half a frame, ``1/(2*fps)``) of
     ``frame_index/fps``. A video is frozen when one episode shows at least
     ``max(frozen_min_frames, ceil(frozen_fraction * episode_length))`` identical consecutive frames.
@@ -764,12 +829,12 @@ def validate_dataset(
                 "segments": [],
                 "episodes": {},
             }
-    decode_seconds = _decode_all(ctx, workers, max(2, frozen_min_frames), progress)
+    decode_seconds, used_workers = _decode_all(ctx, workers, max(2, frozen_min_frames), progress)
     results["video_decode"] = _check_video_decode(ctx, plan_problems)
     if not ctx.info_ok:
         results["frame_counts"] = _skipped(ctx, "frame_counts", "info_json")
         results["frozen_frames"] = _skipped(ctx, "frozen_frames", "info_json")
-    elif ctx.episodes is None:
+    elif ctx.episodes is None or any(rel in ctx.parquet_errors for rel in ctx.episodes_files):
         results["frame_counts"] = _skipped(ctx, "frame_counts", "parquet_readable")
         results["frozen_frames"] = _check_frozen(ctx, frozen_min_frames, frozen_fraction)
     else:
@@ -777,4 +842,4 @@ def validate_dataset(
         results["frozen_frames"] = _check_frozen(ctx, frozen_min_frames, frozen_fraction)
 
     checks = [results[name] for name in CHECK_NAMES]
-    return ValidationReport(dataset_id, root, checks, _stats(ctx, decode_seconds, workers))
+    return ValidationReport(dataset_id, root, checks, _stats(ctx, decode_seconds, used_workers))

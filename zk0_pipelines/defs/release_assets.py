@@ -46,13 +46,13 @@ def registered_model(
     registry = mlflow.registry()
     tags = lineage_tags(federated_model)
     run_id = registry.log_federated_run(
-        run_name=f"federated-{context.run_id[:8]}",
+        run_name=f"federated-{context.run.run_id[:8]}",
         params=federated_model["config"],
         round_metrics=federated_model["rounds"],
         client_metrics=federated_model["clients"],
         plots={"server_eval.png": Path(server_evaluation["plot"])},
         checkpoint_dir=Path(federated_model["final_checkpoint"]),
-        tags={**tags, "dagster_run_id": context.run_id},
+        tags={**tags, "dagster_run_id": context.run.run_id},
     )
     version = registry.register_version(
         mlflow.model_name,
@@ -113,8 +113,15 @@ def hub_release(
         metrics_table=server_evaluation["rounds"],
         rounds=len(federated_model["rounds"]),
         clients=clients,
-        datasets=[{"id": d["id"], "revision": d["resolved_revision"], "role": d["role"]}
-                  for d in federated_model["datasets"]],
+        datasets=[
+            {
+                "id": d["id"],
+                "role": d["role"],
+                "revision": d["resolved_revision"],
+                **({"repo_id": d["source"]["repo_id"]} if d.get("source", {}).get("repo_id") else {}),
+            }
+            for d in federated_model["datasets"]
+        ],
         dvc_md5=federated_model["dvc_md5"],
         loss_plot="server_eval.png",
         lineage={"mlflow_model": f"{name}/{version}", **registered_model["tags"]},

@@ -162,5 +162,5 @@ class HfHubPublisherResource(HubPublisherResource):
     def publish(self, folder: Path, tag: str) -> dict[str, Any]:
         """Push the folder (or dry-run it when no token/repo is configured)."""
         token = os.environ.get(self.token_env_var) or None
-        dry_run = not (token and self.repo_id)
-        return release_folder(folder, self.repo_id, token=token, tag=tag, dry_run=dry_run, endpoint=self.endpoint)
+        # dry_run=None: release_folder decides (no token/repo, or HF_HUB_OFFLINE → dry run).
+        return release_folder(folder, self.repo_id, token=token, tag=tag, dry_run=None, endpoint=self.endpoint)

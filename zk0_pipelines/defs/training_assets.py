@@ -10,6 +10,7 @@ import pandas as pd
 from zk0_pipelines import settings
 from zk0_pipelines.datasets.admission import admitted_datasets, data_fingerprint
 from zk0_pipelines.defs.ingest_assets import validated_dataset
+from zk0_pipelines.defs.round_metrics import flatten_client, flatten_round
 from zk0_pipelines.defs.resources import DatasetRegistryResource, DvcResource, PolicyResource
 from zk0_pipelines.federated.launcher import run_federated
 from zk0_pipelines.tracking.mlflow_registry import plot_round_metrics
@@ -64,6 +65,7 @@ def dataset_snapshot(
             "role": d.role,
             "path": str(d.path),
             "resolved_revision": d.provenance.get("resolved_revision"),
+            "source": d.provenance.get("source", {}),
         }
         for d in included
     ]
@@ -74,7 +76,9 @@ def dataset_snapshot(
             "changed": snap.changed,
             "nfiles": snap.nfiles,
             "size_bytes": snap.size,
-            "datasets": dg.MetadataValue.md(pd.DataFrame(datasets).to_markdown(index=False)),
+            "datasets": dg.MetadataValue.md(
+                pd.DataFrame(datasets).drop(columns=["source"]).to_markdown(index=False)
+            ),
             "excluded": dg.MetadataValue.json(excluded),
         }
     )
@@ -121,9 +125,11 @@ def federated_model(
             **({"pretrained-revision": policy.revision} if policy.revision else {}),
         }
     )
-    run_dir = settings.runs_dir() / context.run_id
+    run_dir = settings.runs_dir() / context.run.run_id
     result = run_federated(train, evals, run_dir, run_config)
-    rounds = pd.DataFrame(result.rounds)
+    round_rows = [flatten_round(r) for r in result.rounds]
+    client_rows = [flatten_client(c) for c in result.clients]
+    rounds = pd.DataFrame(round_rows)
     context.add_output_metadata(
         {
             "run_dir": dg.MetadataValue.path(str(result.run_dir)),
@@ -136,8 +142,8 @@ def federated_model(
     return {
         "run_dir": str(result.run_dir),
         "final_checkpoint": str(result.final_checkpoint),
-        "rounds": result.rounds,
-        "clients": result.clients,
+        "rounds": round_rows,
+        "clients": client_rows,
         "config": result.config,
         "dvc_md5": dataset_snapshot["dvc_md5"],
         "data_fingerprint": dataset_snapshot["data_fingerprint"],

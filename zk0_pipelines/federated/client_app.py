@@ -59,6 +59,7 @@ def _setup(context: Context) -> tuple[RunConfig, Path, int]:
     from zk0_pipelines.settings import configure_local_env
 
     configure_local_env()
+    logging.getLogger("flwr").propagate = False  # lerobot's import configures the root logger too
     cfg = parse_run_config(dict(context.run_config))
     root, pid = dataset_root(dict(context.node_config), cfg)
     return cfg, root, pid
@@ -77,6 +78,11 @@ def _runtime(cfg: RunConfig, root: Path, conf: ConfigRecord):
     runtime = get_client_runtime(root, cfg.policy_spec())
     task.check_fingerprint(str(conf["frozen-fingerprint"]), runtime.fingerprint, where=f"client {root}")
     return runtime
+
+
+def _stats_json(conf: ConfigRecord) -> str:
+    value = conf["norm-stats"]
+    return value.decode() if isinstance(value, bytes) else str(value)
 
 
 @app.query()
@@ -105,7 +111,7 @@ def train(msg: Message, context: Context) -> Message:
     cfg, root, pid = _setup(context)
     conf = msg.content["config"]
     runtime = _runtime(cfg, root, conf)
-    preprocessor, _ = runtime.processors(str(conf["norm-stats"]))
+    preprocessor, _ = runtime.processors(_stats_json(conf))
     received = wire.decode_state(msg.content["arrays"])
     load_trainable_state(runtime.policy, received)
     server_round = int(conf.get("global-round", conf.get("server-round", 0)))
@@ -142,7 +148,7 @@ def evaluate(msg: Message, context: Context) -> Message:
     cfg, root, pid = _setup(context)
     conf = msg.content["config"]
     runtime = _runtime(cfg, root, conf)
-    preprocessor, _ = runtime.processors(str(conf["norm-stats"]))
+    preprocessor, _ = runtime.processors(_stats_json(conf))
     load_trainable_state(runtime.policy, wire.decode_state(msg.content["arrays"]))
     loss, count = task.evaluate_loss(
         runtime.policy,

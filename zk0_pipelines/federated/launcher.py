@@ -145,6 +145,7 @@ class LocalSimulation:
         num_cpus: int = 2,
         object_store_bytes: int = 512 * 1024**2,
         startup_timeout_s: float = 60.0,
+        torch_threads: int = 1,
     ) -> None:
         self.run_dir = Path(run_dir)
         self.logs_dir = self.run_dir / "logs"
@@ -153,6 +154,7 @@ class LocalSimulation:
         self.ray_tmp = Path(os.environ["RAY_TMPDIR"]) / launch_id
         self.num_cpus = max(1, min(num_cpus, os.cpu_count() or 1))
         self.object_store_bytes = object_store_bytes
+        self.torch_threads = max(1, torch_threads)
         self.startup_timeout_s = startup_timeout_s
         self.port: int | None = None
         self.superlink: subprocess.Popen | None = None
@@ -178,6 +180,10 @@ class LocalSimulation:
                 "RAY_DEFAULT_OBJECT_STORE_MAX_MEMORY_BYTES": str(self.object_store_bytes),
                 "PYTHONUNBUFFERED": "1",
                 "TOKENIZERS_PARALLELISM": "false",
+                # one intra-op thread per process: Ray gives each client 1 CPU, and OpenMP spin-waiting
+                # on an oversubscribed machine made steps 10-20x slower in measurements
+                "OMP_NUM_THREADS": str(self.torch_threads),
+                "MKL_NUM_THREADS": str(self.torch_threads),
             }
         )
         return env
@@ -314,7 +320,7 @@ class LocalSimulation:
         assert proc.stdout is not None
         for raw in proc.stdout:
             line = _ANSI.sub("", raw.rstrip("\n"))
-            sink.write(line + "\n")
+            sink.write(f"{time.strftime('%H:%M:%S')} {line}\n")
             sink.flush()
             self._tail.append(line)
             if not run_id_box and (match := _RUN_ID.search(line)):
@@ -382,6 +388,7 @@ def run_federated(
     timeout_s: float = 3600.0,
     num_cpus: int = 2,
     object_store_bytes: int = 512 * 1024**2,
+    torch_threads: int = 1,
 ) -> FederatedResult:
     """Run federated training in Flower simulation with one SuperNode per training dataset.
 
@@ -406,7 +413,9 @@ def run_federated(
         )
     timings: dict[str, float] = {}
     t0 = time.perf_counter()
-    sim = LocalSimulation(run_dir, num_cpus=num_cpus, object_store_bytes=object_store_bytes)
+    sim = LocalSimulation(
+        run_dir, num_cpus=num_cpus, object_store_bytes=object_store_bytes, torch_threads=torch_threads
+    )
     ok = False
     try:
         sim.start()

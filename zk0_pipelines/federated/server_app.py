@@ -50,9 +50,15 @@ def main(grid: Grid, context: Context) -> None:
     from zk0_pipelines.settings import configure_local_env, runs_dir
 
     configure_local_env()
+    quiet_flower_propagation()
     cfg = parse_run_config(dict(context.run_config))
     output_dir = Path(cfg.output_dir) if cfg.output_dir else runs_dir() / f"flwr-{context.run_id}"
     run_server(grid, cfg, output_dir, run_id=context.run_id)
+
+
+def quiet_flower_propagation() -> None:
+    """Keep Flower's records in Flower's own handler (lerobot's import configures the root logger too)."""
+    logging.getLogger("flwr").propagate = False
 
 
 def wait_for_quorum(grid: Grid, quorum: int, timeout_s: float) -> list[int]:
@@ -297,7 +303,8 @@ def _run(
         return MetricRecord(metrics) if metrics else None
 
     strategy = make_strategy(cfg, recorder.observe, num_nodes=len(node_ids), round_offset=offset)
-    run_conf = {"frozen-fingerprint": fingerprint, "norm-stats": stats_json}
+    # stats as UTF-8 JSON bytes: Flower logs bytes as <bytes> instead of printing the whole table
+    run_conf = {"frozen-fingerprint": fingerprint, "norm-stats": stats_json.encode()}
     result = strategy.start(
         grid=grid,
         initial_arrays=wire.encode_state(state, "float32"),

@@ -1,0 +1,115 @@
+"""Run config validation (unknown keys, bad values) and the launcher's checks before anything starts."""
+
+from __future__ import annotations
+
+import tomllib
+from pathlib import Path
+
+import pytest
+
+from zk0_pipelines.federated import launcher
+from zk0_pipelines.federated.run_config import KEYS, defaults, parse_run_config, pyproject_app_config
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def test_defaults_parse_and_cover_every_key():
+    cfg = parse_run_config({})
+    assert cfg.to_dict() == defaults()
+    assert set(cfg.to_dict()) == set(KEYS)
+
+
+def test_unknown_key_is_refused_by_name():
+    with pytest.raises(ValueError, match="num-rounds"):
+        parse_run_config({"num-rounds": 3})
+
+
+@pytest.mark.parametrize(
+    ("key", "value"),
+    [
+        ("strategy", "fedsgd"),
+        ("num-server-rounds", 0),
+        ("batch-size", "2"),
+        ("local-steps", True),
+        ("learning-rate", -1e-4),
+        ("fraction-train", 0.0),
+        ("wire-dtype", "int8"),
+        ("policy-source", "huge"),
+        ("train-datasets", "a,,b"),
+        ("resume", "yes"),
+    ],
+)
+def test_bad_value_is_refused_naming_the_key(key, value):
+    with pytest.raises(ValueError, match=f"'{key}'"):
+        parse_run_config({key: value})
+
+
+def test_proximal_mu_must_match_the_strategy():
+    with pytest.raises(ValueError, match="proximal-mu"):
+        parse_run_config({"strategy": "fedavg", "proximal-mu": 0.1})
+    with pytest.raises(ValueError, match="proximal-mu"):
+        parse_run_config({"strategy": "fedprox", "proximal-mu": 0.0})
+    assert parse_run_config({"strategy": "fedprox", "proximal-mu": 0.1}).proximal_mu == 0.1
+
+
+def test_typed_values_and_paths():
+    cfg = parse_run_config({"learning-rate": 1, "train-datasets": "/a, /b", "num-server-rounds": 3.0})
+    assert cfg.learning_rate == 1.0 and isinstance(cfg.learning_rate, float)
+    assert cfg.num_server_rounds == 3 and isinstance(cfg.num_server_rounds, int)
+    assert cfg.train_paths == [Path("/a"), Path("/b")]
+
+
+def test_eval_schedule():
+    cfg = parse_run_config({"num-server-rounds": 5, "eval-every": 2, "eval-datasets": "/e"})
+    assert [r for r in range(6) if cfg.should_evaluate(r)] == [0, 2, 4, 5]
+    assert not parse_run_config({"eval-every": 0, "eval-datasets": "/e"}).should_evaluate(1)
+    assert not parse_run_config({"eval-every": 1}).should_evaluate(1)  # no eval datasets
+
+
+def test_rendered_app_config_round_trips():
+    values = {"strategy": "fedprox", "proximal-mu": 0.01, "train-datasets": '/x/"q"', "resume": True}
+    table = tomllib.loads(pyproject_app_config(values))["tool"]["flwr"]["app"]["config"]
+    assert parse_run_config(table) == parse_run_config(values)
+
+
+def test_repo_pyproject_app_config_is_valid_and_mirrors_defaults():
+    table = tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["flwr"]["app"]["config"]
+    cfg = parse_run_config(table)  # unknown keys or bad values in pyproject fail here
+    for key in table:
+        assert cfg.to_dict()[key] == defaults()[key], f"pyproject default for {key} differs from run_config"
+
+
+def _dataset(root: Path) -> Path:
+    (root / "meta").mkdir(parents=True)
+    (root / "meta" / "info.json").write_text("{}")
+    return root
+
+
+def test_launcher_checks_before_starting(tmp_path):
+    a, b = _dataset(tmp_path / "a"), _dataset(tmp_path / "b")
+    run_dir = tmp_path / "run"
+    with pytest.raises(ValueError, match="'learning-rate'"):
+        launcher.run_federated([a, b], [], run_dir, {"learning-rate": "fast"})
+    with pytest.raises(ValueError, match="unknown run config key"):
+        launcher.run_federated([a, b], [], run_dir, {"rounds": 2})
+    with pytest.raises(ValueError, match="train-datasets"):
+        launcher.run_federated([a, b], [], run_dir, {"train-datasets": "/x"})
+    with pytest.raises(ValueError, match="min-available-clients"):
+        launcher.run_federated([a], [], run_dir, {"min-available-clients": 2})
+    with pytest.raises(FileNotFoundError, match="missing"):
+        launcher.run_federated([a, tmp_path / "missing"], [], run_dir, {})
+    assert not run_dir.exists()  # nothing was started or written
+
+
+def test_generated_app_pyproject(tmp_path):
+    a, b = _dataset(tmp_path / "a"), _dataset(tmp_path / "b")
+    cfg = launcher.build_run_config([a, b], [], tmp_path / "run", {"seed": 7})
+    doc = tomllib.loads(launcher.app_pyproject(cfg))
+    assert doc["tool"]["flwr"]["app"]["components"] == {
+        "serverapp": "zk0_pipelines.federated.server_app:app",
+        "clientapp": "zk0_pipelines.federated.client_app:app",
+    }
+    app_cfg = parse_run_config(doc["tool"]["flwr"]["app"]["config"])
+    assert app_cfg.seed == 7
+    assert app_cfg.train_paths == [a.resolve(), b.resolve()]
+    assert app_cfg.output_dir == str((tmp_path / "run").resolve())

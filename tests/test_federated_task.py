@@ -1,0 +1,160 @@
+"""Client/server logic on the tiny SmolVLA: payload keys, seeded evaluation, FedProx, an in-process run."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from _fixtures_federated import TINY_CONFIG, InProcessGrid, make_datasets
+from zk0_pipelines.federated import recorder as rec
+from zk0_pipelines.federated import task, wire
+from zk0_pipelines.federated.run_config import parse_run_config
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread():
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)  # OpenMP spin-waiting on a busy 2-core machine slows steps 10x
+    yield
+    torch.set_num_threads(previous)
+
+
+@pytest.fixture(scope="module")
+def roots(tmp_path_factory):
+    base = tmp_path_factory.mktemp("federated-task")
+    return {"train": make_datasets(base, 2), "eval": make_datasets(base, 1, prefix="eval", seed0=10)}
+
+
+@pytest.fixture(scope="module")
+def client(roots):
+    from zk0_pipelines.federated.runtime import get_client_runtime
+
+    spec = parse_run_config({"chunk-size": 10}).policy_spec()
+    runtime = get_client_runtime(roots["train"][0], spec)
+    stats = task.normalized_stats(runtime.meta.stats)
+    pre, _ = runtime.processors(wire.stats_to_json(stats))
+    return runtime, pre
+
+
+def test_payload_is_exactly_the_trainable_parameters(client):
+    from zk0_pipelines.policy import trainable_state
+
+    runtime, _ = client
+    record = wire.encode_state(trainable_state(runtime.policy), "float32")
+    trainable = {n for n, p in runtime.policy.named_parameters() if p.requires_grad}
+    frozen = {n for n, p in runtime.policy.named_parameters() if not p.requires_grad}
+    assert set(record) == trainable
+    assert frozen and not (set(record) & frozen)
+    numel = sum(p.numel() for p in runtime.policy.parameters() if p.requires_grad)
+    assert 4 * numel < wire.payload_bytes(record) < 4 * numel + 256 * len(trainable)
+
+
+def test_server_and_client_builds_share_frozen_weights(client):
+    from zk0_pipelines.policy import build_policy, frozen_fingerprint
+
+    runtime, _ = client
+    spec = parse_run_config({"chunk-size": 10}).policy_spec()
+    server_policy = build_policy(
+        spec, task.PolicyMeta(features=json.loads(json.dumps(runtime.meta.features)))
+    )
+    assert frozen_fingerprint(server_policy) == runtime.fingerprint
+    other = build_policy(parse_run_config({"chunk-size": 10, "seed": 1}).policy_spec(), runtime.meta)
+    with pytest.raises(ValueError, match="frozen weights"):
+        task.check_fingerprint(runtime.fingerprint, frozen_fingerprint(other), where="client x")
+
+
+def test_same_weights_give_the_same_eval_loss(client):
+    runtime, pre = client
+    kwargs = {"batch_size": 4, "max_batches": 3}
+    rng_before = torch.get_rng_state()
+    first = task.evaluate_loss(runtime.policy, pre, runtime.dataset, seed=0, **kwargs)
+    torch.rand(5)  # the caller's RNG moving must not matter
+    second = task.evaluate_loss(runtime.policy, pre, runtime.dataset, seed=0, **kwargs)
+    assert first == second
+    assert first[1] == 12
+    assert task.evaluate_loss(runtime.policy, pre, runtime.dataset, seed=1, **kwargs)[0] != first[0]
+    torch.set_rng_state(rng_before)
+    task.evaluate_loss(runtime.policy, pre, runtime.dataset, seed=0, **kwargs)
+    assert torch.equal(torch.get_rng_state(), rng_before)  # evaluation leaves the global RNG alone
+
+
+def test_local_training_metrics_and_proximal_term(client):
+    from zk0_pipelines.policy import load_trainable_state, trainable_state
+
+    runtime, pre = client
+    start = trainable_state(runtime.policy)
+    kwargs = {"batch_size": 2, "learning_rate": 1e-3, "seed": 3}
+    one = task.train_local(runtime.policy, pre, runtime.dataset, steps=1, **kwargs)
+    drift_after_one_step = wire.l2_norm(wire.sub_state(trainable_state(runtime.policy), start))
+    load_trainable_state(runtime.policy, start)
+    mu = 5.0
+    prox = task.train_local(runtime.policy, pre, runtime.dataset, steps=2, proximal_mu=mu, **kwargs)
+    load_trainable_state(runtime.policy, start)
+
+    metrics = one.to_metrics()
+    assert set(metrics) >= {"train-loss", "grad-norm", "proximal-term", "num-examples", "step-time-s"}
+    assert metrics["num-examples"] == len(runtime.dataset) == 20
+    assert one.proximal_term == 0.0 and one.client_update_norm == pytest.approx(drift_after_one_step)
+    # same seed => same first step; the term is 0 at step 1 and (mu/2)*||w1 - w0||^2 at step 2
+    expected = (0.0 + mu / 2 * drift_after_one_step**2) / 2
+    assert prox.proximal_term == pytest.approx(expected, rel=1e-4)
+    assert prox.proximal_term > 0
+
+
+def test_in_process_federation_fedprox_bfloat16(roots, tmp_path):
+    from zk0_pipelines.federated.client_app import app as client_app
+    from zk0_pipelines.federated.server_app import run_server
+    from zk0_pipelines.policy import load_policy_folder
+
+    values = dict(
+        TINY_CONFIG,
+        **{
+            "strategy": "fedprox",
+            "proximal-mu": 0.1,
+            "wire-dtype": "bfloat16",
+            "train-datasets": ",".join(map(str, roots["train"])),
+            "eval-datasets": ",".join(map(str, roots["eval"])),
+            "output-dir": str(tmp_path / "out"),
+        },
+    )
+    cfg = parse_run_config(values)
+    grid = InProcessGrid(client_app, [{"partition-id": 0}, {"partition-id": 1}], cfg.to_dict())
+    run_server(grid, cfg, tmp_path / "out")
+    metrics = json.loads((tmp_path / "out" / rec.METRICS_FILE).read_text())
+
+    assert metrics["status"] == "completed"
+    assert grid.sent == {"query": 2, "train": 4}
+    assert [r["round"] for r in metrics["rounds"]] == [0, 1, 2]
+    for entry in metrics["rounds"][1:]:
+        assert entry["train"]["proximal-term"] > 0
+        assert entry["update-norm"] > 0
+        state_dir = rec.checkpoint_dir(tmp_path / "out", entry["round"]) / rec.TRAINING_STATE_DIR
+        assert json.loads((state_dir / rec.ROUND_FILE).read_text())["strategy"] == "fedprox"
+    bf16_bytes = metrics["rounds"][1]["payload-bytes-down-per-client"]
+    assert bf16_bytes == metrics["policy"]["payload-bytes-float32"] // 2
+    assert {(c["round"], c["partition-id"]) for c in metrics["clients"]} == {(1, 0), (1, 1), (2, 0), (2, 1)}
+    assert metrics["norm-stats"]["stats"]["action"]["count"] == [40.0]  # 2 clients x 20 frames
+
+    policy, pre, _ = load_policy_folder(tmp_path / "out" / rec.FINAL_DIR)
+    evaluator_ds = task.open_dataset(roots["eval"][0], policy)
+    loss, _ = task.evaluate_loss(policy, pre, evaluator_ds, batch_size=cfg.batch_size, seed=cfg.seed)
+    assert loss == pytest.approx(metrics["rounds"][-1]["server-eval"]["eval-loss"], rel=1e-5)
+
+
+def test_bad_client_dataset_fails_the_run_with_its_name(roots, tmp_path):
+    from zk0_pipelines.federated.client_app import app as client_app
+    from zk0_pipelines.federated.server_app import run_server
+    from zk0_pipelines.federated.strategy import ClientFailure
+
+    missing = tmp_path / "no-such-dataset"
+    values = dict(
+        TINY_CONFIG,
+        **{"train-datasets": f"{roots['train'][0]},{missing}", "output-dir": str(tmp_path / "out")},
+    )
+    cfg = parse_run_config(values)
+    grid = InProcessGrid(client_app, [{"partition-id": 0}, {"partition-id": 1}], cfg.to_dict())
+    with pytest.raises(ClientFailure, match="no-such-dataset"):
+        run_server(grid, cfg, tmp_path / "out")
+    assert json.loads((tmp_path / "out" / rec.METRICS_FILE).read_text())["status"] == "failed"
