@@ -15,16 +15,19 @@ _EXPORTS = {
     "so100_features": "so100",
     "SyntheticSpec": "synthetic",
     "write_synthetic_so100": "synthetic",
+    "MOTIONS": "synthetic",
     "DatasetSource": "registry",
     "DatasetEntry": "registry",
     "DatasetRegistry": "registry",
     "load_registry": "registry",
     "FetchResult": "sources",
     "fetch_dataset": "sources",
+    "DatasetFetchError": "sources",
     "CheckOutcome": "validation",
     "ValidationReport": "validation",
     "validate_dataset": "validation",
     "CHECK_NAMES": "validation",
+    "shutdown_decode_pool": "validation",
 }
 
 __all__ = sorted(_EXPORTS)

@@ -35,13 +35,21 @@ class DecodeResult:
         return asdict(self)
 
 
-def _luma_key(frame: av.VideoFrame) -> bytes:
+def _luma_key(frame: av.VideoFrame, bytes_per_sample: int = 1) -> bytes:
     """The luma plane of a frame as bytes, row padding removed (two frames are equal iff these are)."""
     plane = frame.planes[0]
-    if plane.line_size == plane.width:
+    row = plane.width * bytes_per_sample
+    if plane.line_size == row:
         return bytes(plane)
-    view = np.frombuffer(plane, np.uint8).reshape(-1, plane.line_size)[: plane.height, : plane.width]
+    view = np.frombuffer(plane, np.uint8).reshape(-1, plane.line_size)[: plane.height, :row]
     return view.copy().tobytes()  # copy() first: tobytes() of a strided view is slow
+
+
+def _bytes_per_sample(frame: av.VideoFrame) -> int:
+    try:
+        return max(1, (frame.format.components[0].bits + 7) // 8)
+    except (AttributeError, IndexError):
+        return 1
 
 
 def decode_video_file(
@@ -73,6 +81,7 @@ def decode_video_file(
     seg_idx = 0
     current_seg: int | None = None
     prev_key: bytes | None = None
+    sample_bytes = 1
     run_start = 0
     run_len = 0
 
@@ -95,12 +104,14 @@ def decode_video_file(
             ctx.thread_count = threads
             for frame in container.decode(stream):
                 index = result.decoded
-                result.pix_fmt = result.pix_fmt or frame.format.name
+                if result.pix_fmt is None:
+                    result.pix_fmt = frame.format.name
+                    sample_bytes = _bytes_per_sample(frame)
                 # which episode segment does this frame belong to?
                 while seg_idx < len(bounds) and index >= bounds[seg_idx][2]:
                     seg_idx += 1
                 seg = bounds[seg_idx][0] if seg_idx < len(bounds) and index >= bounds[seg_idx][1] else None
-                key = _luma_key(frame)
+                key = _luma_key(frame, sample_bytes)
                 if seg != current_seg:
                     close_run()
                     current_seg, run_start, run_len = seg, index, 1
