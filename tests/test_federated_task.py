@@ -6,8 +6,8 @@ import json
 
 import pytest
 import torch
-
 from _fixtures_federated import TINY_CONFIG, InProcessGrid, make_datasets
+
 from zk0_pipelines.federated import recorder as rec
 from zk0_pipelines.federated import task, wire
 from zk0_pipelines.federated.run_config import parse_run_config
@@ -158,3 +158,41 @@ def test_bad_client_dataset_fails_the_run_with_its_name(roots, tmp_path):
     with pytest.raises(ClientFailure, match="no-such-dataset"):
         run_server(grid, cfg, tmp_path / "out")
     assert json.loads((tmp_path / "out" / rec.METRICS_FILE).read_text())["status"] == "failed"
+
+
+def _in_process_run(roots, out, **changes):
+    from zk0_pipelines.federated.client_app import app as client_app
+    from zk0_pipelines.federated.server_app import run_server
+
+    values = dict(
+        TINY_CONFIG,
+        **{
+            "train-datasets": ",".join(map(str, roots["train"])),
+            "eval-datasets": ",".join(map(str, roots["eval"])),
+            "output-dir": str(out),
+            **changes,
+        },
+    )
+    cfg = parse_run_config(values)
+    grid = InProcessGrid(client_app, [{"partition-id": 0}, {"partition-id": 1}], cfg.to_dict())
+    run_server(grid, cfg, out)
+    return json.loads((out / rec.METRICS_FILE).read_text()), grid
+
+
+def test_resume_continues_from_the_last_checkpoint(roots, tmp_path):
+    straight, straight_grid = _in_process_run(roots, tmp_path / "straight", **{"fraction-evaluate": 1.0})
+    assert straight_grid.sent == {"query": 2, "train": 4, "evaluate": 4}  # client-side eval too
+    client_evals = [c for c in straight["clients"] if c["phase"] == "evaluate"]
+    assert len(client_evals) == 4 and all(c["eval-loss"] > 0 for c in client_evals)
+    _in_process_run(roots, tmp_path / "resumed", **{"num-server-rounds": 1})
+    resumed, grid = _in_process_run(roots, tmp_path / "resumed", **{"resume": True})
+
+    assert grid.sent == {"query": 2, "train": 2}  # only round 2 was trained again
+    assert resumed["resumed-from-round"] == 1
+    assert [r["round"] for r in resumed["rounds"]] == [0, 1, 2]
+    assert {(c["round"], c["partition-id"]) for c in resumed["clients"]} == {(1, 0), (1, 1), (2, 0), (2, 1)}
+    # same seeds per global round and the float32 master restored: the resumed round 2 equals the straight one
+    assert (
+        resumed["rounds"][2]["server-eval"]["eval-loss"] == straight["rounds"][2]["server-eval"]["eval-loss"]
+    )
+    assert rec.latest_checkpoint(tmp_path / "resumed")[0] == 2

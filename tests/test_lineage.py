@@ -1,8 +1,22 @@
-"""The whole demo lineage, materialised through the Dagster jobs in-process on tiny data."""
+"""The whole demo lineage, materialised through the Dagster jobs in-process on tiny data.
+
+One module-scoped run feeds every test here: the lineage itself, the release folder acting in lerobot,
+the registry reviewed through a real ``mlflow server`` process, and registration retried alone after
+the store was unreachable.
+"""
 
 from __future__ import annotations
 
 import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import dagster as dg
@@ -11,7 +25,7 @@ import yaml
 
 from zk0_pipelines.datasets.validation import CHECK_NAMES
 from zk0_pipelines.definitions import build_definitions, build_resources, defs
-from zk0_pipelines.defs.resources import DatasetRegistryResource
+from zk0_pipelines.defs.resources import DatasetRegistryResource, MlflowResource
 
 LINEAGE = [
     "so100_dataset",
@@ -22,6 +36,7 @@ LINEAGE = [
     "registered_model",
     "hub_release",
 ]
+TRAIN_IDS = ("client_a", "client_b", "client_c")
 
 
 def test_definitions_load_and_connect_every_stage() -> None:
@@ -54,66 +69,167 @@ def _tiny_registry(path: Path) -> Path:
     return path
 
 
-@pytest.fixture
-def workspace(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
-    """A separate project root: data/, .zk0/ and the DVC repo live here, never in the checkout."""
-    root = tmp_path / "workspace"
-    root.mkdir()
-    monkeypatch.setenv("ZK0_ROOT", str(root))
-    return root
+@dataclass
+class DemoRun:
+    workspace: Path
+    resources: dict
+    summary: object
+    instance: dg.DagsterInstance
 
 
-def test_demo_lineage_end_to_end(workspace: Path) -> None:
-    from mlflow import MlflowClient
-
+@pytest.fixture(scope="module")
+def demo_run(tmp_path_factory: pytest.TempPathFactory) -> Iterator[DemoRun]:
+    """The lineage in a separate project root: data/, .zk0/ and the DVC repo never touch the checkout."""
     from zk0_pipelines.demo import run_lineage
-    from zk0_pipelines.policy.export import load_policy_folder
 
-    resources = build_resources("offline")
-    resources["dataset_registry"] = DatasetRegistryResource(
-        registry_path=str(_tiny_registry(workspace / "registry.yaml"))
-    )
-    tiny_defs = build_definitions(resources)
-    with dg.instance_for_test() as instance:
+    workspace = tmp_path_factory.mktemp("lineage") / "workspace"
+    workspace.mkdir()
+    with pytest.MonkeyPatch.context() as mp, dg.instance_for_test() as instance:
+        mp.setenv("ZK0_ROOT", str(workspace))
+        resources = build_resources("offline")
+        resources["dataset_registry"] = DatasetRegistryResource(
+            registry_path=str(_tiny_registry(workspace / "registry.yaml"))
+        )
         summary = run_lineage(
-            tiny_defs,
+            build_definitions(resources),
             instance,
             training_config={"num_server_rounds": 2, "local_steps": 1, "batch_size": 2, "chunk_size": 10},
         )
-        assert summary.ok, "\n".join(summary.lines())
-        assert summary.ingest == {i: "validated" for i in ("client_a", "client_b", "client_c", "heldout")}
-        assert set(instance.get_dynamic_partitions("so100_datasets")) == set(summary.ingest)
-        check_evals = instance.event_log_storage.get_latest_asset_check_execution_by_key(
-            [dg.AssetCheckKey(dg.AssetKey("validated_dataset"), name) for name in CHECK_NAMES]
-        )
-        assert len(check_evals) == len(CHECK_NAMES)
+        yield DemoRun(workspace, resources, summary, instance)
+
+
+def test_demo_lineage_registers_a_version_tagged_with_the_dvc_md5(demo_run: DemoRun) -> None:
+    from mlflow import MlflowClient
+
+    summary, workspace = demo_run.summary, demo_run.workspace
+    assert summary.ok, "\n".join(summary.lines())
+    assert summary.ingest == {i: "validated" for i in (*TRAIN_IDS, "heldout")}
+    instance = demo_run.instance
+    assert set(instance.get_dynamic_partitions("so100_datasets")) == set(summary.ingest)
+    check_evals = instance.event_log_storage.get_latest_asset_check_execution_by_key(
+        [dg.AssetCheckKey(dg.AssetKey("validated_dataset"), name) for name in CHECK_NAMES]
+    )
+    assert len(check_evals) == len(CHECK_NAMES)
 
     # data.dvc pins data/ and the registered version carries that md5.
-    dvc_file = yaml.safe_load((workspace / "data.dvc").read_text())
-    md5 = dvc_file["outs"][0]["md5"]
+    md5 = yaml.safe_load((workspace / "data.dvc").read_text())["outs"][0]["md5"]
     assert summary.snapshot["dvc_md5"] == md5
     registered = summary.registered
-    client = MlflowClient(resources["mlflow"].registry().tracking_uri)
+    client = MlflowClient(demo_run.resources["mlflow"].registry().tracking_uri)
     version = client.get_model_version(registered["model_name"], registered["version"])
     assert version.tags["dvc_md5"] == md5
-    assert version.tags["datasets.train"] == "client_a,client_b,client_c"
+    assert version.tags["datasets.train"] == ",".join(TRAIN_IDS)
     assert version.tags["datasets.eval"] == "heldout"
+    assert version.tags["revision.client_a"].startswith("synthetic:")
     assert "config_hash" in version.tags and "git_commit" in version.tags
     assert client.get_model_version_by_alias(registered["model_name"], "challenger").version == version.version
-    run = client.get_run(registered["run_id"])
-    rounds = client.get_metric_history(run.info.run_id, "eval_loss")
-    assert sorted(m.step for m in rounds) == [0, 1, 2]  # round 0: the initial model
+    history = client.get_metric_history(registered["run_id"], "eval_loss")
+    assert sorted(m.step for m in history) == [0, 1, 2]  # round 0: the initial global model
 
-    # The release folder loads in lerobot and acts.
-    folder = Path(summary.release["folder"])
-    assert (folder / "README.md").read_text().startswith("---")
-    policy, preprocessor, postprocessor = load_policy_folder(folder)
+
+def test_release_folder_loads_in_lerobot_and_acts(demo_run: DemoRun) -> None:
     from lerobot.datasets.lerobot_dataset import LeRobotDataset
 
-    dataset = LeRobotDataset("heldout", root=workspace / "data" / "heldout", video_backend="pyav")
+    from zk0_pipelines.policy.export import load_policy_folder
+
+    folder = Path(demo_run.summary.release["folder"])
+    card = (folder / "README.md").read_text()
+    assert card.startswith("---") and "library_name: lerobot" in card
+    assert json.loads((folder / "config.json").read_text())["type"] == "smolvla"
+    policy, preprocessor, postprocessor = load_policy_folder(folder)
+    policy.reset()
+    dataset = LeRobotDataset("heldout", root=demo_run.workspace / "data" / "heldout", video_backend="pyav")
     frame = dataset[0]
     observation = {k: v for k, v in frame.items() if k.startswith("observation.")}
     observation["task"] = frame["task"]
     action = postprocessor(policy.select_action(preprocessor(observation)))
     assert tuple(action.shape) == (1, 6)
-    assert json.loads((folder / "config.json").read_text())["type"] == "smolvla"
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _get(url: str) -> dict:
+    with urllib.request.urlopen(url, timeout=10) as response:
+        return json.loads(response.read())
+
+
+def test_registry_review_through_a_real_mlflow_server(demo_run: DemoRun, tmp_path: Path) -> None:
+    """Start `mlflow server` on the run's sqlite store and review the version over its REST API."""
+    from zk0_pipelines.tracking.mlflow_registry import default_artifact_root, default_tracking_uri
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("ZK0_ROOT", str(demo_run.workspace))
+        store, artifacts = default_tracking_uri(), default_artifact_root()
+    port = _free_port()
+    log = (tmp_path / "mlflow-server.log").open("wb")
+    env = {**os.environ, "MLFLOW_DISABLE_TELEMETRY": "true"}
+    mlflow_bin = Path(sys.executable).with_name("mlflow")
+    server = subprocess.Popen(
+        [str(mlflow_bin), "server", "--backend-store-uri", store, "--artifacts-destination", str(artifacts),
+         "--host", "127.0.0.1", "--port", str(port), "--workers", "1"],
+        stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True,
+    )
+    base = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            try:
+                urllib.request.urlopen(f"{base}/health", timeout=2)
+                break
+            except OSError:
+                if server.poll() is not None or time.monotonic() > deadline:
+                    raise AssertionError((tmp_path / "mlflow-server.log").read_text()[-3000:]) from None
+                time.sleep(1)
+        registered = demo_run.summary.registered
+        name = registered["model_name"]
+        api = f"{base}/api/2.0/mlflow"
+        version = _get(f"{api}/model-versions/get?name={name}&version={registered['version']}")["model_version"]
+        tags = {t["key"]: t["value"] for t in version["tags"]}
+        assert tags["dvc_md5"] == demo_run.summary.snapshot["dvc_md5"]
+        assert tags["datasets.train"] == ",".join(TRAIN_IDS)
+        assert "challenger" in version.get("aliases", [])
+        by_alias = _get(f"{api}/registered-models/alias?name={name}&alias=champion")["model_version"]
+        assert by_alias["version"] == str(registered["version"])
+        history = _get(f"{api}/metrics/get-history?run_id={registered['run_id']}&metric_key=eval_loss")
+        assert sorted(int(m["step"]) for m in history["metrics"]) == [0, 1, 2]
+        clients = _get(f"{api}/runs/get?run_id={registered['run_id']}")["run"]["data"]["metrics"]
+        assert {m["key"] for m in clients} >= {f"client/{c}/train_loss" for c in TRAIN_IDS}
+    finally:
+        os.killpg(server.pid, signal.SIGTERM)
+        try:
+            server.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            os.killpg(server.pid, signal.SIGKILL)
+        log.close()
+
+
+def test_registration_can_be_retried_alone_after_the_store_was_unreachable(
+    demo_run: DemoRun, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("ZK0_ROOT", str(demo_run.workspace))
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_TIMEOUT", "5")
+    only_registration = [dg.AssetKey("registered_model")]
+    unreachable = f"http://127.0.0.1:{_free_port()}"
+    broken = build_definitions({**demo_run.resources, "mlflow": MlflowResource(tracking_uri=unreachable)})
+    failed = broken.resolve_job_def("federated_training").execute_in_process(
+        instance=demo_run.instance, asset_selection=only_registration, raise_on_error=False
+    )
+    assert not failed.success
+    failure = next(e for e in failed.all_events if e.is_step_failure)
+    message = failure.step_failure_data.user_failure_data.description
+    assert unreachable in message and "checkpoint is kept" in message
+    # The trained checkpoint is still on disk, and registration alone succeeds once the store is back.
+    checkpoint = Path(demo_run.summary.federated["final_checkpoint"])
+    assert (checkpoint / "model.safetensors").is_file()
+    retried = build_definitions(demo_run.resources).resolve_job_def("federated_training").execute_in_process(
+        instance=demo_run.instance, asset_selection=only_registration
+    )
+    assert retried.success
+    again = retried.output_for_node("registered_model")
+    assert int(again["version"]) == int(demo_run.summary.registered["version"]) + 1
+    assert again["tags"]["dvc_md5"] == demo_run.summary.snapshot["dvc_md5"]

@@ -19,6 +19,7 @@ class LineageSummary:
 
     ingest: dict[str, str] = field(default_factory=dict)
     snapshot: dict[str, Any] | None = None
+    federated: dict[str, Any] | None = None
     registered: dict[str, Any] | None = None
     release: dict[str, Any] | None = None
     errors: list[str] = field(default_factory=list)
@@ -80,6 +81,7 @@ def run_lineage(
         summary.errors.append(f"federated_training failed: {_first_error(training)}")
         return summary
     summary.snapshot = _output(training, "dataset_snapshot")
+    summary.federated = _output(training, "federated_model")
     summary.registered = _output(training, "registered_model")
 
     released = defs.resolve_job_def("release").execute_in_process(instance=instance, raise_on_error=False)

@@ -9,7 +9,12 @@ import dagster as dg
 from zk0_pipelines import settings
 from zk0_pipelines.defs.resources import HubPublisherResource, MlflowResource
 from zk0_pipelines.tracking.hub_release import build_model_card
-from zk0_pipelines.tracking.mlflow_registry import config_hash, git_commit, library_versions
+from zk0_pipelines.tracking.mlflow_registry import (
+    MlflowStoreUnavailable,
+    config_hash,
+    git_commit,
+    library_versions,
+)
 
 
 def lineage_tags(federated_model: dict[str, Any]) -> dict[str, str]:
@@ -43,6 +48,24 @@ def registered_model(
     mlflow: MlflowResource,
 ) -> dict[str, Any]:
     """Log the run to MLflow and register the final checkpoint as a model version."""
+    try:
+        return _register(context, federated_model, server_evaluation, mlflow)
+    except MlflowStoreUnavailable as exc:
+        raise dg.Failure(
+            description=(
+                f"{exc}. The trained checkpoint is kept at {federated_model['final_checkpoint']}; "
+                "re-materialise registered_model alone once the store is reachable."
+            ),
+            metadata={"final_checkpoint": dg.MetadataValue.path(federated_model["final_checkpoint"])},
+        ) from exc
+
+
+def _register(
+    context: dg.AssetExecutionContext,
+    federated_model: dict[str, Any],
+    server_evaluation: dict[str, Any],
+    mlflow: MlflowResource,
+) -> dict[str, Any]:
     registry = mlflow.registry()
     tags = lineage_tags(federated_model)
     run_id = registry.log_federated_run(

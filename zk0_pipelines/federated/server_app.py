@@ -219,8 +219,14 @@ def _run(
     np.random.seed(cfg.seed % 2**32)
     torch.manual_seed(cfg.seed)
 
+    startup: dict[str, float] = {}
+    t0 = time.perf_counter()
     node_ids = wait_for_quorum(grid, cfg.min_available_clients, cfg.quorum_timeout_s)
+    startup["quorum-wait-s"] = time.perf_counter() - t0
+    t0 = time.perf_counter()
     reports = query_clients(grid, node_ids, cfg.round_timeout_s)
+    startup["query-round-s"] = time.perf_counter() - t0  # in simulation: Ray actors start + import here
+    t0 = time.perf_counter()
     features = check_same_features([(r.dataset, r.features) for r in reports])
     stats = task.aggregate_client_stats([r.stats for r in reports])
     stats_json = wire.stats_to_json(stats)
@@ -260,6 +266,8 @@ def _run(
     load_trainable_state(policy, state)
 
     evaluator = ServerEvaluator(cfg, policy, preprocessor, features)
+    startup["server-build-s"] = time.perf_counter() - t0
+    recorder.set("startup", startup)
     last = {"state": {k: v.clone() for k, v in state.items()}, "eval": None}
     round_info = {
         "strategy": cfg.strategy,
