@@ -37,7 +37,9 @@ def workspace(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
 def so100_source(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """One small synthetic SO-100 dataset, written once and copied into drop folders per test."""
     root = tmp_path_factory.mktemp("source") / "lab_pick"
-    write_synthetic_so100(root, "lab/pick", SyntheticSpec(seed=5, task="pick", episodes=1, frames_per_episode=10))
+    write_synthetic_so100(
+        root, "lab/pick", SyntheticSpec(seed=5, task="pick", episodes=1, frames_per_episode=10)
+    )
     return root
 
 
@@ -59,7 +61,9 @@ def _drop(so100_source: Path, workspace: Path, name: str = "lab_pick") -> Path:
     return dest
 
 
-def test_drop_folder_dataset_becomes_partition_and_ingest_run_once(workspace: Path, so100_source: Path) -> None:
+def test_drop_folder_dataset_becomes_partition_and_ingest_run_once(
+    workspace: Path, so100_source: Path
+) -> None:
     _drop(so100_source, workspace)
     with dg.instance_for_test() as instance:
         ctx = dg.build_sensor_context(instance=instance, resources=_resources())
@@ -74,7 +78,9 @@ def test_drop_folder_dataset_becomes_partition_and_ingest_run_once(workspace: Pa
         assert entry.source.kind == "local" and entry.role == "train"
 
         # Second tick with the cursor: nothing again. A "restart" is a fresh context with the stored cursor.
-        again = new_so100_datasets(dg.build_sensor_context(instance=instance, cursor=cursor, resources=_resources()))
+        again = new_so100_datasets(
+            dg.build_sensor_context(instance=instance, cursor=cursor, resources=_resources())
+        )
         assert isinstance(again, dg.SkipReason)
 
 

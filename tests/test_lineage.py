@@ -49,13 +49,23 @@ def test_definitions_load_and_connect_every_stage() -> None:
         assert upstream in parents, f"{downstream} does not depend on {upstream}"
     checks = {k.name for k in graph.asset_check_keys if k.asset_key == dg.AssetKey("validated_dataset")}
     assert checks == set(CHECK_NAMES)
-    assert {j.name for j in defs.resolve_all_job_defs()} >= {"ingest_datasets", "federated_training", "release"}
+    assert {j.name for j in defs.resolve_all_job_defs()} >= {
+        "ingest_datasets",
+        "federated_training",
+        "release",
+    }
 
 
 def _tiny_registry(path: Path) -> Path:
     def synthetic(seed: int, task: str, motion: str) -> dict:
-        return {"kind": "synthetic", "seed": seed, "task": task, "motion": motion,
-                "episodes": 1, "frames_per_episode": 20}
+        return {
+            "kind": "synthetic",
+            "seed": seed,
+            "task": task,
+            "motion": motion,
+            "episodes": 1,
+            "frames_per_episode": 20,
+        }
 
     registry = {
         "datasets": [
@@ -122,7 +132,9 @@ def test_demo_lineage_registers_a_version_tagged_with_the_dvc_md5(demo_run: Demo
     assert version.tags["datasets.eval"] == "heldout"
     assert version.tags["revision.client_a"].startswith("synthetic:")
     assert "config_hash" in version.tags and "git_commit" in version.tags
-    assert client.get_model_version_by_alias(registered["model_name"], "challenger").version == version.version
+    assert (
+        client.get_model_version_by_alias(registered["model_name"], "challenger").version == version.version
+    )
     history = client.get_metric_history(registered["run_id"], "eval_loss")
     assert sorted(m.step for m in history) == [0, 1, 2]  # round 0: the initial global model
 
@@ -169,9 +181,24 @@ def test_registry_review_through_a_real_mlflow_server(demo_run: DemoRun, tmp_pat
     env = {**os.environ, "MLFLOW_DISABLE_TELEMETRY": "true"}
     mlflow_bin = Path(sys.executable).with_name("mlflow")
     server = subprocess.Popen(
-        [str(mlflow_bin), "server", "--backend-store-uri", store, "--artifacts-destination", str(artifacts),
-         "--host", "127.0.0.1", "--port", str(port), "--workers", "1"],
-        stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True,
+        [
+            str(mlflow_bin),
+            "server",
+            "--backend-store-uri",
+            store,
+            "--artifacts-destination",
+            str(artifacts),
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--workers",
+            "1",
+        ],
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        env=env,
+        start_new_session=True,
     )
     base = f"http://127.0.0.1:{port}"
     try:
@@ -187,7 +214,9 @@ def test_registry_review_through_a_real_mlflow_server(demo_run: DemoRun, tmp_pat
         registered = demo_run.summary.registered
         name = registered["model_name"]
         api = f"{base}/api/2.0/mlflow"
-        version = _get(f"{api}/model-versions/get?name={name}&version={registered['version']}")["model_version"]
+        version = _get(f"{api}/model-versions/get?name={name}&version={registered['version']}")[
+            "model_version"
+        ]
         tags = {t["key"]: t["value"] for t in version["tags"]}
         assert tags["dvc_md5"] == demo_run.summary.snapshot["dvc_md5"]
         assert tags["datasets.train"] == ",".join(TRAIN_IDS)
@@ -226,8 +255,10 @@ def test_registration_can_be_retried_alone_after_the_store_was_unreachable(
     # The trained checkpoint is still on disk, and registration alone succeeds once the store is back.
     checkpoint = Path(demo_run.summary.federated["final_checkpoint"])
     assert (checkpoint / "model.safetensors").is_file()
-    retried = build_definitions(demo_run.resources).resolve_job_def("federated_training").execute_in_process(
-        instance=demo_run.instance, asset_selection=only_registration
+    retried = (
+        build_definitions(demo_run.resources)
+        .resolve_job_def("federated_training")
+        .execute_in_process(instance=demo_run.instance, asset_selection=only_registration)
     )
     assert retried.success
     again = retried.output_for_node("registered_model")

@@ -40,8 +40,19 @@ def run_dagster_ui(port: int) -> int:
     _dagster_home()
     settings.configure_local_env()
     dagster = Path(sys.executable).with_name("dagster")
-    os.execv(str(dagster), [str(dagster), "dev", "-w", str(settings.repo_root() / "workspace.yaml"),
-                            "-h", "127.0.0.1", "-p", str(port)])
+    os.execv(
+        str(dagster),
+        [
+            str(dagster),
+            "dev",
+            "-w",
+            str(settings.repo_root() / "workspace.yaml"),
+            "-h",
+            "127.0.0.1",
+            "-p",
+            str(port),
+        ],
+    )
 
 
 def run_mlflow_ui(port: int) -> int:
@@ -50,9 +61,21 @@ def run_mlflow_ui(port: int) -> int:
     from zk0_pipelines.tracking.mlflow_registry import default_artifact_root, default_tracking_uri
 
     mlflow = Path(sys.executable).with_name("mlflow")
-    os.execv(str(mlflow), [str(mlflow), "server", "--backend-store-uri", default_tracking_uri(),
-                           "--artifacts-destination", str(default_artifact_root()),
-                           "--host", "127.0.0.1", "--port", str(port)])
+    os.execv(
+        str(mlflow),
+        [
+            str(mlflow),
+            "server",
+            "--backend-store-uri",
+            default_tracking_uri(),
+            "--artifacts-destination",
+            str(default_artifact_root()),
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+        ],
+    )
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -2,8 +2,8 @@
 
 Nothing is ever deleted. A dataset that fails validation is moved (with its report) under
 ``.zk0/quarantine/<id>/<attempt>/``; if an earlier validated copy sat in ``data/<id>``, it is moved
-beside it as ``previous`` so that training can no longer pick it up. A re-fetched dataset that validates replaces
-its older copy in ``data/``; the older copy moves under ``.zk0/superseded/``.
+beside it as ``previous`` so that training can no longer pick it up. A re-fetched dataset that
+validates replaces its older copy in ``data/``; the older copy moves under ``.zk0/superseded/``.
 """
 
 from __future__ import annotations

@@ -68,7 +68,9 @@ def scan_drop_folder(
         newest = max(p.stat().st_mtime for p in files)
         if now - newest < settle_seconds:
             continue
-        listing = sorted((p.relative_to(child).as_posix(), p.stat().st_size, p.stat().st_mtime_ns) for p in files)
+        listing = sorted(
+            (p.relative_to(child).as_posix(), p.stat().st_size, p.stat().st_mtime_ns) for p in files
+        )
         fingerprint = hashlib.sha256(json.dumps(listing).encode()).hexdigest()[:16]
         found.append(
             DiscoveredDataset(

@@ -8,7 +8,11 @@ import dagster as dg
 from zk0_pipelines.datasets.admission import admitted_datasets, data_fingerprint
 from zk0_pipelines.defs.jobs import federated_training, ingest_datasets
 from zk0_pipelines.defs.partitions import SO100_DATASETS
-from zk0_pipelines.defs.resources import DatasetDiscoveryResource, DatasetRegistryResource, TrainingTriggerResource
+from zk0_pipelines.defs.resources import (
+    DatasetDiscoveryResource,
+    DatasetRegistryResource,
+    TrainingTriggerResource,
+)
 
 FINGERPRINT_TAG = "zk0/data_fingerprint"
 
@@ -114,5 +118,7 @@ def nightly_federated_training(
     if training_trigger.nightly_force:
         return dg.RunRequest(tags={**tags, "zk0/forced": "true"})
     if last_trained_fingerprint(context.instance) == fingerprint:
-        return dg.SkipReason(f"nothing changed since the last registered model (data fingerprint {fingerprint})")
+        return dg.SkipReason(
+            f"nothing changed since the last registered model (data fingerprint {fingerprint})"
+        )
     return dg.RunRequest(tags=tags)

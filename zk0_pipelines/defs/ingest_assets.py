@@ -22,7 +22,9 @@ from zk0_pipelines.defs.resources import DatasetRegistryResource
         "or written by the synthetic generator (offline default), into a staging folder."
     ),
 )
-def so100_dataset(context: dg.AssetExecutionContext, dataset_registry: DatasetRegistryResource) -> dict[str, Any]:
+def so100_dataset(
+    context: dg.AssetExecutionContext, dataset_registry: DatasetRegistryResource
+) -> dict[str, Any]:
     """Fetch the partition's dataset into ``.zk0/staging/<id>`` and record the resolved revision."""
     dataset_id = context.partition_key
     registry = dataset_registry.load()

@@ -4,7 +4,6 @@ The offline implementations are what the embedded default and the tests use; pro
 ``zk0_pipelines.definitions`` without touching any asset.
 """
 
-
 import os
 from pathlib import Path
 from typing import Any
@@ -163,4 +162,6 @@ class HfHubPublisherResource(HubPublisherResource):
         """Push the folder (or dry-run it when no token/repo is configured)."""
         token = os.environ.get(self.token_env_var) or None
         # dry_run=None: release_folder decides (no token/repo, or HF_HUB_OFFLINE → dry run).
-        return release_folder(folder, self.repo_id, token=token, tag=tag, dry_run=None, endpoint=self.endpoint)
+        return release_folder(
+            folder, self.repo_id, token=token, tag=tag, dry_run=None, endpoint=self.endpoint
+        )

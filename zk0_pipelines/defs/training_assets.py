@@ -10,8 +10,8 @@ import pandas as pd
 from zk0_pipelines import settings
 from zk0_pipelines.datasets.admission import admitted_datasets, data_fingerprint
 from zk0_pipelines.defs.ingest_assets import validated_dataset
-from zk0_pipelines.defs.round_metrics import flatten_client, flatten_round
 from zk0_pipelines.defs.resources import DatasetRegistryResource, DvcResource, PolicyResource
+from zk0_pipelines.defs.round_metrics import flatten_client, flatten_round
 from zk0_pipelines.federated.launcher import run_federated
 from zk0_pipelines.tracking.mlflow_registry import plot_round_metrics
 
@@ -154,13 +154,17 @@ def federated_model(
 @dg.asset(
     group_name="training",
     kinds={"pytorch"},
-    description="Server-side evaluation on the held-out datasets after each round: the loss curve and best round.",
+    description=(
+        "Server-side evaluation on the held-out datasets after each round: the loss curve and best round."
+    ),
 )
 def server_evaluation(context: dg.AssetExecutionContext, federated_model: dict[str, Any]) -> dict[str, Any]:
     """Summarise the per-round server evaluation and plot the curve."""
     rounds = [r for r in federated_model["rounds"] if r.get("eval_loss") is not None]
     if not rounds:
-        raise dg.Failure("the federated run produced no server evaluation: check eval-every and eval datasets")
+        raise dg.Failure(
+            "the federated run produced no server evaluation: check eval-every and eval datasets"
+        )
     best = min(rounds, key=lambda r: r["eval_loss"])
     final = rounds[-1]
     plot = plot_round_metrics(federated_model["rounds"], Path(federated_model["run_dir"]) / "server_eval.png")
