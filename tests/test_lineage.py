@@ -56,6 +56,18 @@ def test_definitions_load_and_connect_every_stage() -> None:
     }
 
 
+def _corrupt_local_dataset(root: Path) -> Path:
+    """A real SO-100 dataset whose top-camera video was cut in half (an interrupted copy)."""
+    from zk0_pipelines.datasets.synthetic import SyntheticSpec, write_synthetic_so100
+
+    write_synthetic_so100(
+        root, "lab/broken", SyntheticSpec(seed=4, task="wave", episodes=1, frames_per_episode=20)
+    )
+    video = next((root / "videos" / "observation.images.top").rglob("*.mp4"))
+    os.truncate(video, video.stat().st_size // 2)
+    return root
+
+
 def _tiny_registry(path: Path) -> Path:
     def synthetic(seed: int, task: str, motion: str) -> dict:
         return {
@@ -73,6 +85,14 @@ def _tiny_registry(path: Path) -> Path:
             {"id": "client_b", "role": "train", "source": synthetic(2, "stack the blocks", "push")},
             {"id": "client_c", "role": "train", "source": synthetic(3, "sort the pens", "sweep")},
             {"id": "heldout", "role": "eval", "source": synthetic(9, "pick the cube", "reach")},
+            {
+                "id": "broken",
+                "role": "train",
+                "source": {
+                    "kind": "local",
+                    "path": str(_corrupt_local_dataset(path.parent / "src" / "broken")),
+                },
+            },
         ]
     }
     path.write_text(yaml.safe_dump(registry, sort_keys=False))
@@ -113,13 +133,28 @@ def test_demo_lineage_registers_a_version_tagged_with_the_dvc_md5(demo_run: Demo
 
     summary, workspace = demo_run.summary, demo_run.workspace
     assert summary.ok, "\n".join(summary.lines())
-    assert summary.ingest == {i: "validated" for i in (*TRAIN_IDS, "heldout")}
+    assert summary.ingest == {**{i: "validated" for i in (*TRAIN_IDS, "heldout")}, "broken": "quarantined"}
     instance = demo_run.instance
     assert set(instance.get_dynamic_partitions("so100_datasets")) == set(summary.ingest)
     check_evals = instance.event_log_storage.get_latest_asset_check_execution_by_key(
         [dg.AssetCheckKey(dg.AssetKey("validated_dataset"), name) for name in CHECK_NAMES]
     )
     assert len(check_evals) == len(CHECK_NAMES)
+    failed = instance.event_log_storage.get_asset_check_execution_history(
+        dg.AssetCheckKey(dg.AssetKey("validated_dataset"), "video_decode"), limit=10
+    )
+    assert any(e.status.value == "FAILED" for e in failed)
+
+    # The corrupt dataset is quarantined: kept on disk with its report, excluded from training.
+    (attempt,) = (workspace / ".zk0" / "quarantine" / "broken").iterdir()
+    report = json.loads((attempt / "report.json").read_text())
+    assert (
+        "observation.images.top" in json.dumps(report)
+        and (attempt / "dataset" / "meta" / "info.json").is_file()
+    )
+    assert not (workspace / "data" / "broken").exists()
+    assert "broken" in summary.snapshot["excluded"]
+    assert "broken" not in {d["id"] for d in summary.snapshot["datasets"]}
 
     # data.dvc pins data/ and the registered version carries that md5.
     md5 = yaml.safe_load((workspace / "data.dvc").read_text())["outs"][0]["md5"]
