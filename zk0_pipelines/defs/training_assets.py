@@ -1,6 +1,7 @@
 """Training: DVC snapshot of the validated datasets → Flower federated run → server evaluation."""
 
 import base64
+import json
 from pathlib import Path
 from typing import Any
 
@@ -13,7 +14,7 @@ from zk0_pipelines.defs.ingest_assets import validated_dataset
 from zk0_pipelines.defs.resources import DatasetRegistryResource, DvcResource, PolicyResource
 from zk0_pipelines.defs.round_metrics import flatten_client, flatten_round
 from zk0_pipelines.federated.launcher import run_federated
-from zk0_pipelines.tracking.mlflow_registry import plot_round_metrics
+from zk0_pipelines.tracking.mlflow_registry import config_hash, plot_round_metrics
 
 
 class FederatedTrainingConfig(dg.Config):
@@ -98,6 +99,24 @@ def _exclusion_reason(dataset_id: str) -> str:
     return "not ingested yet"
 
 
+def federated_run_dir(dvc_md5: str, run_config: dict[str, Any], dagster_run_id: str) -> tuple[Path, bool]:
+    """Where a federated run for this data and config lives, and whether to resume it.
+
+    The folder is keyed by the DVC md5 and the config hash, so re-materialising after a crash (even a
+    SIGKILL) finds the interrupted run and resumes from its last checkpoint. A completed run with the same
+    key is never overwritten: the new run gets a folder of its own.
+    """
+    key = f"{dvc_md5.removesuffix('.dir')[:12]}-{config_hash(run_config)[:12]}"
+    run_dir = settings.runs_dir() / key
+    metrics = run_dir / "metrics.json"
+    if not metrics.is_file():
+        return run_dir, False
+    status = json.loads(metrics.read_text()).get("status")
+    if status == "completed":
+        return settings.runs_dir() / f"{key}-{dagster_run_id[:8]}", False
+    return run_dir, True
+
+
 @dg.asset(
     group_name="training",
     kinds={"flower", "pytorch"},
@@ -125,8 +144,10 @@ def federated_model(
             **({"pretrained-revision": policy.revision} if policy.revision else {}),
         }
     )
-    run_dir = settings.runs_dir() / context.run.run_id
-    result = run_federated(train, evals, run_dir, run_config)
+    run_dir, resume = federated_run_dir(dataset_snapshot["dvc_md5"], run_config, context.run.run_id)
+    if resume:
+        context.log.info(f"resuming the interrupted federated run in {run_dir} from its last checkpoint")
+    result = run_federated(train, evals, run_dir, {**run_config, "resume": resume})
     round_rows = [flatten_round(r) for r in result.rounds]
     client_rows = [flatten_client(c) for c in result.clients]
     rounds = pd.DataFrame(round_rows)

@@ -65,7 +65,13 @@ def open_dataset(root: Path, policy, meta=None):
     root = Path(root)
     meta = meta if meta is not None else open_metadata(root)
     delta = resolve_delta_timestamps(policy.config, meta)
-    return LeRobotDataset(repo_id_for(root), root=root, delta_timestamps=delta, video_backend="pyav")
+    try:
+        return LeRobotDataset(repo_id_for(root), root=root, delta_timestamps=delta, video_backend="pyav")
+    except Exception as exc:  # lerobot falls back to the Hub when a local file is missing
+        raise RuntimeError(
+            f"cannot open dataset {root}: {type(exc).__name__}: {exc} "
+            "(lerobot tries the Hub when a local data/video file is missing)"
+        ) from exc
 
 
 def normalized_stats(stats: Mapping[str, Mapping[str, Any]]) -> dict[str, dict[str, np.ndarray]]:
