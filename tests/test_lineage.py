@@ -299,3 +299,23 @@ def test_registration_can_be_retried_alone_after_the_store_was_unreachable(
     again = retried.output_for_node("registered_model")
     assert int(again["version"]) == int(demo_run.summary.registered["version"]) + 1
     assert again["tags"]["dvc_md5"] == demo_run.summary.snapshot["dvc_md5"]
+
+
+def test_reproduce_rebuilds_the_registered_version_bit_identically(
+    demo_run: DemoRun, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from zk0_pipelines.reproduce import reproduce_version
+
+    monkeypatch.setenv("ZK0_ROOT", str(demo_run.workspace))
+    data_before = yaml.safe_load((demo_run.workspace / "data.dvc").read_text())
+    registered = demo_run.summary.registered
+    report = reproduce_version(
+        registered["model_name"],
+        registered["version"],
+        tracking_uri=demo_run.resources["mlflow"].registry().tracking_uri,
+    )
+    assert report.lines()[0] == "identical", "\n".join(report.lines())
+    assert report.original_sha256 == report.reproduced_sha256 and report.diverged_rounds == []
+    # The data was restored into the reproduction's own workspace; the user's data/ is untouched.
+    assert Path(report.workspace, "project", "data", "client_a", "meta", "info.json").is_file()
+    assert yaml.safe_load((demo_run.workspace / "data.dvc").read_text()) == data_before

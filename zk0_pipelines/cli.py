@@ -78,6 +78,17 @@ def run_mlflow_ui(port: int) -> int:
     )
 
 
+def run_reproduce(model_name: str, version: str) -> int:
+    """Re-train a registered version from its DVC pin and recorded config; print ``identical`` or not."""
+    settings.configure_local_env()
+    from zk0_pipelines.reproduce import reproduce_version
+
+    report = reproduce_version(model_name, version)
+    for line in report.lines():
+        print(line)
+    return 0 if report.identical else 2
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``zk0`` console script."""
     parser = argparse.ArgumentParser(prog="zk0", description=__doc__)
@@ -87,9 +98,14 @@ def main(argv: list[str] | None = None) -> int:
     ui.add_argument("--port", type=int, default=3000)
     ml = sub.add_parser("mlflow-ui", help="MLflow server for registry review")
     ml.add_argument("--port", type=int, default=5000)
+    rep = sub.add_parser("reproduce", help="rebuild a registered model version and compare its weights")
+    rep.add_argument("version", help="model version number in the registry")
+    rep.add_argument("--model", default="zk0-smolvla-so100", help="registered model name")
     args = parser.parse_args(argv)
     if args.command == "demo":
         return run_demo()
+    if args.command == "reproduce":
+        return run_reproduce(args.model, args.version)
     if args.command == "ui":
         return run_dagster_ui(args.port)
     return run_mlflow_ui(args.port)

@@ -20,6 +20,7 @@ from zk0_pipelines.defs.automation import (
     validated_datasets_changed,
 )
 from zk0_pipelines.defs.jobs import federated_training, ingest_datasets, release
+from zk0_pipelines.defs.reproduction import reproduce_model
 from zk0_pipelines.defs.resources import (
     DatasetDiscoveryResource,
     DatasetRegistryResource,
@@ -83,7 +84,7 @@ def build_definitions(resources: dict[str, Any] | None = None) -> dg.Definitions
     """Assemble assets, checks, jobs and resources; ``resources`` defaults to ``build_resources()``."""
     return dg.Definitions(
         assets=dg.load_assets_from_modules([ingest_assets, training_assets, release_assets]),
-        jobs=[ingest_datasets, federated_training, release],
+        jobs=[ingest_datasets, federated_training, release, reproduce_model],
         sensors=[new_so100_datasets, validated_datasets_changed],
         schedules=[nightly_federated_training],
         resources=resources if resources is not None else build_resources(),

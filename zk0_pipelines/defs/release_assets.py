@@ -1,6 +1,8 @@
 """Registry and release: MLflow model version with its lineage, then the Hugging Face Hub folder."""
 
+import json
 import shutil
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -8,6 +10,7 @@ import dagster as dg
 
 from zk0_pipelines import settings
 from zk0_pipelines.defs.resources import HubPublisherResource, MlflowResource
+from zk0_pipelines.reproduce import ROUND_WEIGHTS_ARTIFACT, RUN_CONFIG_ARTIFACT
 from zk0_pipelines.tracking.hub_release import build_model_card
 from zk0_pipelines.tracking.mlflow_registry import (
     MlflowStoreUnavailable,
@@ -15,6 +18,7 @@ from zk0_pipelines.tracking.mlflow_registry import (
     git_commit,
     library_versions,
 )
+from zk0_pipelines.tracking.secrets import scrub_mapping
 
 
 def lineage_tags(federated_model: dict[str, Any]) -> dict[str, str]:
@@ -77,6 +81,7 @@ def _register(
         checkpoint_dir=Path(federated_model["final_checkpoint"]),
         tags={**tags, "dagster_run_id": context.run.run_id},
     )
+    _log_reproduction_record(registry, run_id, federated_model)
     version = registry.register_version(
         mlflow.model_name,
         run_id,
@@ -105,6 +110,17 @@ def _register(
         "run_id": run_id,
         "tags": tags,
     }
+
+
+def _log_reproduction_record(registry: Any, run_id: str, federated_model: dict[str, Any]) -> None:
+    """Log what ``zk0 reproduce`` needs: the exact run config and the weights' sha256 after each round."""
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = Path(tmp) / "zk0"
+        folder.mkdir()
+        config, _withheld = scrub_mapping(dict(federated_model["config"]))
+        (folder / Path(RUN_CONFIG_ARTIFACT).name).write_text(json.dumps(config, indent=2))
+        (folder / Path(ROUND_WEIGHTS_ARTIFACT).name).write_text(json.dumps(federated_model["round_weights"]))
+        registry.client.log_artifacts(run_id, str(folder), artifact_path="zk0")
 
 
 @dg.asset(

@@ -14,6 +14,7 @@ from zk0_pipelines.defs.ingest_assets import validated_dataset
 from zk0_pipelines.defs.resources import DatasetRegistryResource, DvcResource, PolicyResource
 from zk0_pipelines.defs.round_metrics import flatten_client, flatten_round
 from zk0_pipelines.federated.launcher import run_federated
+from zk0_pipelines.reproduce import round_weight_hashes
 from zk0_pipelines.tracking.mlflow_registry import config_hash, plot_round_metrics
 
 
@@ -166,6 +167,7 @@ def federated_model(
         "rounds": round_rows,
         "clients": client_rows,
         "config": result.config,
+        "round_weights": round_weight_hashes(result.run_dir),
         "dvc_md5": dataset_snapshot["dvc_md5"],
         "data_fingerprint": dataset_snapshot["data_fingerprint"],
         "datasets": dataset_snapshot["datasets"],

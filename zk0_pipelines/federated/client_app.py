@@ -7,8 +7,11 @@ Handlers:
 
 - ``query``: reports the dataset's normalisation stats, features and frame count (see ``task`` module doc).
 - ``train``: builds SmolVLA locally (cached), checks the frozen-weight fingerprint sent by the server, loads
-  the received trainable weights, runs ``local-steps`` seeded steps (FedProx term when ``proximal-mu`` is in
-  the config) and replies with its weights (float32 wire) or its update (bfloat16 wire) and metrics.
+  the received trainable weights, runs ``local-steps`` seeded steps with the learning rate the server sent
+  for this round (``learning-rate`` in the message config: the server's schedule, not the local run config;
+  FedProx term when ``proximal-mu`` is in the config) and replies with its weights (float32 wire) or its
+  update (bfloat16 wire) and metrics (incl. ``lr``, the optimizer's learning rate). Faults named by the
+  tests-only ``inject-faults`` key are applied here (``faults`` module).
 - ``evaluate``: seeded flow-matching loss of the received weights on the local dataset.
 """
 
@@ -17,12 +20,14 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import time
 from pathlib import Path
 
 from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
 from zk0_pipelines.federated import task, wire
+from zk0_pipelines.federated.faults import InjectedFault, faults_for
 from zk0_pipelines.federated.run_config import RunConfig, parse_run_config
 
 log = logging.getLogger(__name__)
@@ -110,18 +115,27 @@ def train(msg: Message, context: Context) -> Message:
 
     cfg, root, pid = _setup(context)
     conf = msg.content["config"]
+    server_round = int(conf.get("global-round", conf.get("server-round", 0)))
+    faults = faults_for(cfg.inject_faults, pid, server_round)
+    if "stall" in faults:
+        time.sleep(min(cfg.round_timeout_s, 600.0))
+    if "raise" in faults:
+        raise InjectedFault(f"injected failure (inject-faults) in partition {pid}, round {server_round}")
+    if "learning-rate" not in conf:
+        raise ValueError(
+            "server message config lacks 'learning-rate' (server and client app versions differ?)"
+        )
     runtime = _runtime(cfg, root, conf)
     preprocessor, _ = runtime.processors(_stats_json(conf))
     received = wire.decode_state(msg.content["arrays"])
     load_trainable_state(runtime.policy, received)
-    server_round = int(conf.get("global-round", conf.get("server-round", 0)))
     result = task.train_local(
         runtime.policy,
         preprocessor,
         runtime.dataset,
         steps=cfg.local_steps,
         batch_size=cfg.batch_size,
-        learning_rate=cfg.learning_rate,
+        learning_rate=float(conf["learning-rate"]),  # the server's schedule, not the local config
         weight_decay=cfg.weight_decay,
         grad_clip_norm=cfg.grad_clip_norm,
         proximal_mu=float(conf.get("proximal-mu", 0.0)),
@@ -129,6 +143,10 @@ def train(msg: Message, context: Context) -> Message:
     )
     updated = trainable_state(runtime.policy)
     payload = updated if cfg.wire_dtype == "float32" else wire.sub_state(updated, received)
+    if "nan" in faults:
+        first = sorted(payload)[0]
+        payload[first] = payload[first].clone()
+        payload[first].view(-1)[0] = float("nan")
     log.info("client %s round %s: loss %.4f", root.name, server_round, result.train_loss)
     content = RecordDict(
         {

@@ -12,6 +12,16 @@ and the run config complete (``flwr run --run-config`` rejects keys missing from
 
 ``FLWR_HOME`` and ``RAY_TMPDIR`` are per-launch sub-folders of the ones ``configure_local_env`` sets (inside
 the checkout), removed after a successful run; Ray gets at most ``num_cpus`` CPUs and a capped object store.
+
+Crash safety: every process a launch starts (SuperLink, SuperExec, flwr-simulation, Ray, ``flwr run``) carries
+``ZK0_LAUNCH_ID=<launch id>`` in its environment, and the launch is recorded in
+``<run_dir>/logs/launch-<id>.json`` (launcher pid, process pids, its Flower home and Ray temp folder, status).
+The SuperLink and ``flwr run`` run in sessions of their own, so a SIGKILL of the launcher's process group
+leaves them running. ``run_federated`` therefore first reaps every launch recorded as ``running`` in the run
+folder whose launcher is gone: it kills the processes carrying its id (and the recorded ones), removes its
+Flower home and Ray temp folder and marks it ``reaped``; a launch whose launcher is still alive makes it
+refuse the folder. A new launch then uses a new port, Flower home and Ray folder, and ``resume = true``
+continues from the last complete checkpoint.
 """
 
 from __future__ import annotations
@@ -84,11 +94,13 @@ def build_run_config(
             raise ValueError(f"dataset path {root} contains a comma (the run config joins paths with commas)")
         if not (Path(root) / "meta" / "info.json").is_file():
             raise FileNotFoundError(f"dataset {root} has no meta/info.json (not a LeRobot dataset folder)")
-    if cfg.min_available_clients > len(train_roots):
-        raise ValueError(
-            f"run config key 'min-available-clients' is {cfg.min_available_clients} but only "
-            f"{len(train_roots)} training dataset(s) were given"
-        )
+    for key in ("min-available-clients", "min-replies"):
+        value = cfg.to_dict()[key]
+        if value > len(train_roots):
+            raise ValueError(
+                f"run config key '{key}' is {value} but only {len(train_roots)} training dataset(s) "
+                "were given"
+            )
     return cfg
 
 
@@ -135,6 +147,106 @@ def _tool(name: str) -> str:
     return found
 
 
+LAUNCH_ENV = "ZK0_LAUNCH_ID"
+LAUNCH_RECORD = "launch-{}.json"
+
+
+def _identity(pid: int) -> dict[str, Any] | None:
+    import psutil
+
+    try:
+        return {"pid": pid, "create-time": psutil.Process(pid).create_time()}
+    except psutil.Error:
+        return None
+
+
+def _same_process(entry: Mapping[str, Any]):
+    """The ``psutil.Process`` of a recorded ``{pid, create-time}`` if it is still that process, else None."""
+    import psutil
+
+    try:
+        proc = psutil.Process(int(entry["pid"]))
+        if abs(proc.create_time() - float(entry["create-time"])) < 0.05 and proc.status() != "zombie":
+            return proc
+    except (psutil.Error, KeyError, TypeError, ValueError):
+        pass
+    return None
+
+
+def launch_processes(launch_id: str) -> list:
+    """Live processes (``psutil.Process``) whose environment carries ``ZK0_LAUNCH_ID=<launch_id>``."""
+    import psutil
+
+    found = []
+    for proc in psutil.process_iter():
+        if proc.pid == os.getpid():
+            continue
+        with contextlib.suppress(psutil.Error):
+            if proc.environ().get(LAUNCH_ENV) == launch_id and proc.status() != psutil.STATUS_ZOMBIE:
+                found.append(proc)
+    return found
+
+
+def kill_processes(procs: list, grace_s: float = 5.0) -> list[int]:
+    """SIGTERM ``procs`` (psutil processes), SIGKILL what is left after ``grace_s``; returns their pids."""
+    import psutil
+
+    alive = []
+    for proc in procs:
+        with contextlib.suppress(psutil.Error):
+            proc.terminate()
+            alive.append(proc)
+    _, still = psutil.wait_procs(alive, timeout=grace_s)
+    for proc in still:
+        with contextlib.suppress(psutil.Error):
+            proc.kill()
+    psutil.wait_procs(still, timeout=grace_s)
+    return sorted(p.pid for p in alive)
+
+
+def _remove_launch_dir(path: str | None, root_env: str) -> None:
+    """Remove a recorded per-launch folder, only if it lies inside the configured ``root_env`` folder."""
+    root = os.environ.get(root_env)
+    if not path or not root:
+        return
+    folder, root_path = Path(path).resolve(), Path(root).resolve()
+    if folder != root_path and folder.is_relative_to(root_path):
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+def reap_stale_launches(run_dir: Path) -> list[dict[str, Any]]:
+    """Stop what earlier, killed launches in ``run_dir`` left running (module doc); returns their records.
+
+    Raises ``FederatedRunError`` when a launch recorded as running still has its launcher process alive
+    (another ``run_federated`` is using the folder).
+    """
+    from zk0_pipelines.federated.recorder import write_json_atomic
+
+    reaped = []
+    for path in sorted((Path(run_dir) / "logs").glob(LAUNCH_RECORD.format("*"))):
+        record = json.loads(path.read_text())
+        if record.get("status") != "running":
+            continue
+        launcher = record.get("launcher", {})
+        if launcher.get("pid") != os.getpid() and _same_process(launcher) is not None:
+            raise FederatedRunError(
+                f"{run_dir} is in use by launch {record.get('launch-id')} "
+                f"(launcher pid {launcher.get('pid')})"
+            )
+        procs = {p.pid: p for p in launch_processes(str(record.get("launch-id")))}
+        for entry in record.get("processes", []):
+            if (proc := _same_process(entry)) is not None:
+                procs.setdefault(proc.pid, proc)
+        killed = kill_processes(list(procs.values()))
+        _remove_launch_dir(record.get("flwr-home"), "FLWR_HOME")
+        _remove_launch_dir(record.get("ray-tmp"), "RAY_TMPDIR")
+        record.update({"status": "reaped", "reaped-pids": killed, "reaped-at": time.time()})
+        write_json_atomic(path, record)
+        log.warning("reaped stale launch %s in %s (killed pids %s)", record.get("launch-id"), run_dir, killed)
+        reaped.append(record)
+    return reaped
+
+
 class LocalSimulation:
     """A private simulation SuperLink plus the ``flwr`` CLI calls against it (context manager)."""
 
@@ -150,6 +262,8 @@ class LocalSimulation:
         self.run_dir = Path(run_dir)
         self.logs_dir = self.run_dir / "logs"
         launch_id = uuid.uuid4().hex[:8]
+        self.launch_id = launch_id
+        self.record_path = self.logs_dir / LAUNCH_RECORD.format(launch_id)
         self.flwr_home = Path(os.environ["FLWR_HOME"]) / "launches" / launch_id
         self.ray_tmp = Path(os.environ["RAY_TMPDIR"]) / launch_id
         self.num_cpus = max(1, min(num_cpus, os.cpu_count() or 1))
@@ -173,6 +287,7 @@ class LocalSimulation:
                 "FLWR_HOME": str(self.flwr_home),
                 "RAY_TMPDIR": str(self.ray_tmp),
                 "ZK0_ROOT": str(repo_root()),
+                LAUNCH_ENV: self.launch_id,
                 "FLWR_DISABLE_UPDATE_CHECK": "1",
                 "RAY_USAGE_STATS_ENABLED": "0",
                 "RAY_DEDUP_LOGS": "0",
@@ -196,11 +311,33 @@ class LocalSimulation:
     def __exit__(self, *exc: object) -> None:
         self.stop()
 
+    def _write_record(self, status: str) -> None:
+        from zk0_pipelines.federated.recorder import write_json_atomic
+
+        processes = [ident for p in self._started if (ident := _identity(p.pid)) is not None]
+        write_json_atomic(
+            self.record_path,
+            {
+                "launch-id": self.launch_id,
+                "status": status,
+                "launcher": _identity(os.getpid()),
+                "processes": processes,
+                "flwr-home": str(self.flwr_home),
+                "ray-tmp": str(self.ray_tmp),
+                "port": self.port,
+            },
+        )
+
+    def _track(self, proc: subprocess.Popen) -> None:
+        self._started.append(proc)
+        self._write_record("running")
+
     def start(self) -> None:
         """Start ``flower-superlink --simulation`` on a free 127.0.0.1 port and wait for its health check."""
         self.logs_dir.mkdir(parents=True, exist_ok=True)
         self.flwr_home.mkdir(parents=True, exist_ok=True)
         self.ray_tmp.mkdir(parents=True, exist_ok=True)
+        self._write_record("running")
         for attempt in range(3):
             self.port = free_port()
             (self.flwr_home / "config.toml").write_text(
@@ -230,7 +367,7 @@ class LocalSimulation:
                 start_new_session=True,
             )
             out.close()
-            self._started.append(self.superlink)
+            self._track(self.superlink)
             if self._wait_healthy():
                 log.info("SuperLink pid %d on 127.0.0.1:%d", self.superlink.pid, self.port)
                 return
@@ -261,6 +398,12 @@ class LocalSimulation:
                 proc.kill()
                 with contextlib.suppress(subprocess.TimeoutExpired):
                     proc.wait(timeout=5)
+        leftovers = launch_processes(self.launch_id)  # e.g. Ray processes re-parented away from the tree
+        if leftovers:
+            log.info("stopping %d leftover process(es) of launch %s", len(leftovers), self.launch_id)
+            kill_processes(leftovers)
+        if self.record_path.parent.is_dir():
+            self._write_record("stopped")
 
     @staticmethod
     def _stop_tree(proc: subprocess.Popen, grace_s: float = 15.0) -> None:
@@ -348,7 +491,7 @@ class LocalSimulation:
                 stdin=subprocess.DEVNULL,
                 start_new_session=True,
             )
-            self._started.append(proc)
+            self._track(proc)
             pump = threading.Thread(target=self._pump, args=(proc, sink, run_id_box), daemon=True)
             pump.start()
             try:
@@ -413,6 +556,7 @@ def run_federated(
         )
     timings: dict[str, float] = {}
     t0 = time.perf_counter()
+    reaped = reap_stale_launches(run_dir)
     sim = LocalSimulation(
         run_dir, num_cpus=num_cpus, object_store_bytes=object_store_bytes, torch_threads=torch_threads
     )
@@ -450,7 +594,11 @@ def run_federated(
         metrics_path=run_dir / rec.METRICS_FILE,
         run_id=run_id,
         timings=timings,
-        extra={k: metrics.get(k) for k in ("norm-stats", "policy", "best-round", "best-eval-loss")},
+        extra={
+            **{k: metrics.get(k) for k in ("norm-stats", "policy", "best-round", "best-eval-loss")},
+            "launch-id": sim.launch_id,
+            "reaped-launches": [r["launch-id"] for r in reaped],
+        },
     )
 
 

@@ -4,7 +4,9 @@ Layout (mirrors lerobot's training checkpoints)::
 
     <output-dir>/
       metrics.json                      config, status, rounds (aggregates, server eval, update norm,
-                                        payload bytes, wall time), clients (per client per round)
+                                        payload bytes, wall time, scheduled learning rate, dropped and
+                                        rejected clients with reasons), clients (per client per round,
+                                        status accepted / rejected / dropped)
       checkpoints/round-001/
         pretrained_model/               lerobot folder of the full global policy (export_policy_folder)
         training_state/
@@ -125,8 +127,11 @@ class RunRecorder:
             self.data["clients"].append(row)
         elif kind == "aggregate-train":
             entry = self.round_entry(server_round)
+            payload = dict(payload)
             entry["train"] = payload.pop("metrics")
             entry.update(payload)
+        elif kind == "evaluate-dropped":
+            self.round_entry(server_round).update(payload)
         self.write()
 
     def finish_round(self, server_round: int, **values: Any) -> None:

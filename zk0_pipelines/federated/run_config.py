@@ -10,6 +10,7 @@ The defaults here are the single source of truth; ``pyproject_app_config()`` ren
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,6 +20,7 @@ STRATEGIES = ("fedavg", "fedprox")
 POLICY_SOURCES = ("tiny", "pretrained")
 WIRE_DTYPES = ("float32", "bfloat16")
 DEVICES = ("cpu", "cuda", "mps")
+LR_SCHEDULES = ("constant", "cosine", "step")
 
 
 @dataclass(frozen=True)
@@ -57,17 +59,33 @@ def _paths(v: str) -> str | None:
     return None if all(part.strip() for part in v.split(",")) or not v.strip() else "has an empty path entry"
 
 
+def _faults(v: str) -> str | None:
+    from zk0_pipelines.federated.faults import parse_faults
+
+    try:
+        parse_faults(v)
+    except ValueError as exc:
+        return str(exc)
+    return None
+
+
 FIELDS: tuple[Field, ...] = (
     Field("num-server-rounds", "num_server_rounds", int, 2, _at_least(1), "federated rounds"),
     Field("strategy", "strategy", str, "fedavg", _one_of(STRATEGIES), "server strategy"),
     Field("proximal-mu", "proximal_mu", float, 0.0, _at_least(0.0), "FedProx mu (fedprox only)"),
     Field("local-steps", "local_steps", int, 4, _at_least(1), "optimizer steps per client and round"),
     Field("batch-size", "batch_size", int, 2, _at_least(1), "client batch size (also server eval)"),
-    Field("learning-rate", "learning_rate", float, 1e-4, _greater(0.0), "client AdamW learning rate"),
+    Field("learning-rate", "learning_rate", float, 1e-4, _greater(0.0), "base client AdamW learning rate"),
+    Field("lr-schedule", "lr_schedule", str, "constant", _one_of(LR_SCHEDULES), "server LR per round"),
+    Field("lr-min", "lr_min", float, 0.0, _at_least(0.0), "cosine: LR approached in the last round"),
+    Field("lr-step-rounds", "lr_step_rounds", int, 1, _at_least(1), "step: rounds between LR decays"),
+    Field("lr-step-gamma", "lr_step_gamma", float, 0.5, _unit_interval(True), "step: LR decay factor"),
     Field("weight-decay", "weight_decay", float, 1e-10, _at_least(0.0), "client AdamW weight decay"),
     Field("grad-clip-norm", "grad_clip_norm", float, 10.0, _at_least(0.0), "0 disables clipping"),
     Field("seed", "seed", int, 0, _at_least(0), "policy init, sampling, flow-matching noise"),
-    Field("min-available-clients", "min_available_clients", int, 2, _at_least(1), "quorum"),
+    Field("min-available-clients", "min_available_clients", int, 2, _at_least(1), "nodes needed to start"),
+    Field("min-replies", "min_replies", int, 0, _at_least(0), "accepted replies/round; 0 = min-avail."),
+    Field("max-update-norm-ratio", "max_update_norm_ratio", float, 10.0, _at_least(0.0), "0 disables"),
     Field("fraction-train", "fraction_train", float, 1.0, _unit_interval(True), "clients sampled per round"),
     Field("fraction-evaluate", "fraction_evaluate", float, 0.0, _unit_interval(False), "client-side eval"),
     Field("eval-every", "eval_every", int, 1, _at_least(0), "server eval period in rounds; 0 = never"),
@@ -84,6 +102,7 @@ FIELDS: tuple[Field, ...] = (
     Field("round-timeout-s", "round_timeout_s", float, 3600.0, _greater(0.0), "wait for client replies"),
     Field("quorum-timeout-s", "quorum_timeout_s", float, 600.0, _greater(0.0), "wait for the quorum"),
     Field("resume", "resume", bool, False, None, "continue from the last checkpoint in output-dir"),
+    Field("inject-faults", "inject_faults", str, "", _faults, "TESTS ONLY: kind:partition@round,..."),
 )
 KEYS: tuple[str, ...] = tuple(f.key for f in FIELDS)
 _BY_KEY = {f.key: f for f in FIELDS}
@@ -99,10 +118,16 @@ class RunConfig:
     local_steps: int
     batch_size: int
     learning_rate: float
+    lr_schedule: str
+    lr_min: float
+    lr_step_rounds: int
+    lr_step_gamma: float
     weight_decay: float
     grad_clip_norm: float
     seed: int
     min_available_clients: int
+    min_replies: int
+    max_update_norm_ratio: float
     fraction_train: float
     fraction_evaluate: float
     eval_every: int
@@ -119,6 +144,7 @@ class RunConfig:
     round_timeout_s: float
     quorum_timeout_s: float
     resume: bool
+    inject_faults: str
 
     @property
     def train_paths(self) -> list[Path]:
@@ -147,6 +173,27 @@ class RunConfig:
             n_action_steps=self.chunk_size,
             seed=self.seed,
         )
+
+    @property
+    def quorum(self) -> int:
+        """Accepted client replies a round needs (``min-replies``, or ``min-available-clients`` when 0)."""
+        return self.min_replies or self.min_available_clients
+
+    def learning_rate_at(self, global_round: int) -> float:
+        """The client learning rate of ``global_round`` (1-based) under ``lr-schedule`` (server-side).
+
+        ``constant``: ``learning-rate``. ``cosine``: from ``learning-rate`` in round 1 towards ``lr-min``,
+        ``lr-min + (lr - lr-min) * (1 + cos(pi * (r - 1) / R)) / 2`` for ``R = num-server-rounds``.
+        ``step``: ``learning-rate * lr-step-gamma ** ((r - 1) // lr-step-rounds)``.
+        """
+        done = max(0, global_round - 1)
+        if self.lr_schedule == "cosine":
+            progress = min(1.0, done / self.num_server_rounds)
+            span = self.learning_rate - self.lr_min
+            return self.lr_min + span * 0.5 * (1.0 + math.cos(math.pi * progress))
+        if self.lr_schedule == "step":
+            return self.learning_rate * self.lr_step_gamma ** (done // self.lr_step_rounds)
+        return self.learning_rate
 
     def should_evaluate(self, server_round: int) -> bool:
         """Server eval schedule: round 0 (baseline), every ``eval-every`` rounds, and the last round."""
@@ -217,6 +264,11 @@ def parse_run_config(values: Mapping[str, Any], *, fill_defaults: bool = True) -
         )
     if cfg.strategy == "fedprox" and cfg.proximal_mu == 0.0:
         raise ValueError("run config key 'proximal-mu' must be > 0 with strategy 'fedprox' (0 equals FedAvg)")
+    if cfg.lr_schedule == "cosine" and cfg.lr_min >= cfg.learning_rate:
+        raise ValueError(
+            f"run config key 'lr-min' ({cfg.lr_min}) must be < 'learning-rate' ({cfg.learning_rate}) "
+            "with lr-schedule 'cosine'"
+        )
     return cfg
 
 

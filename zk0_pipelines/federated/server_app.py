@@ -7,7 +7,9 @@ Order of a run (``run_server``):
    features, frame count and normalisation stats; features must agree; stats are merged (``task`` doc);
 3. build the global SmolVLA from the same ``PolicySpec`` + the clients' features; its frozen-weight
    fingerprint goes to the clients with every round's config (they refuse to train on a mismatch);
-4. ``strategy.start`` with only the trainable parameters as ``initial_arrays``; after every round the
+4. ``strategy.start`` with only the trainable parameters as ``initial_arrays`` (the strategy drops failed
+   clients, rejects invalid updates, enforces the quorum and sends each round's scheduled learning rate:
+   ``strategy`` doc); after every round the
    ``evaluate_fn`` loads the aggregate, computes the seeded server loss on the eval datasets (when due), the
    update norm, and writes a checkpoint and ``metrics.json`` (``recorder`` doc);
 5. export the final global policy to ``<output-dir>/final``.
@@ -108,7 +110,7 @@ def query_clients(grid: Grid, node_ids: list[int], timeout_s: float) -> list[Cli
             f"query round: {len(replies)} of {len(node_ids)} clients replied within {timeout_s}s"
         )
     reports = []
-    for msg in sorted(replies, key=lambda m: m.metadata.src_node_id):
+    for msg in replies:
         info = msg.content["client-info"]
         reports.append(
             ClientReport(
@@ -120,7 +122,8 @@ def query_clients(grid: Grid, node_ids: list[int], timeout_s: float) -> list[Cli
                 stats=wire.stats_from_json(str(info["stats-json"])),
             )
         )
-    return reports
+    # a fixed order (not node ids, which are random per launch): the merged stats are bit-reproducible
+    return sorted(reports, key=lambda r: (r.partition_id, r.dataset, r.node_id))
 
 
 def check_same_features(named_features: list[tuple[str, dict[str, Any]]]) -> dict[str, Any]:
@@ -181,7 +184,8 @@ def model_card(
         f"global round {server_round} of {cfg.num_server_rounds}.",
         "",
         f"- clients: {len(reports)} ({', '.join(Path(r.dataset).name for r in reports)})",
-        f"- local steps {cfg.local_steps}, batch {cfg.batch_size}, lr {cfg.learning_rate}, seed {cfg.seed}",
+        f"- local steps {cfg.local_steps}, batch {cfg.batch_size}, lr {cfg.learning_rate} "
+        f"({cfg.lr_schedule} schedule), seed {cfg.seed}",
         f"- normalisation: {NORMALIZATION_RULE}",
     ]
     if eval_loss is not None:
@@ -224,6 +228,11 @@ def _run(
     node_ids = wait_for_quorum(grid, cfg.min_available_clients, cfg.quorum_timeout_s)
     startup["quorum-wait-s"] = time.perf_counter() - t0
     t0 = time.perf_counter()
+    if cfg.quorum > len(node_ids):
+        raise ValueError(
+            f"run config key 'min-replies' is {cfg.min_replies} but only {len(node_ids)} client(s) "
+            "are connected"
+        )
     reports = query_clients(grid, node_ids, cfg.round_timeout_s)
     startup["query-round-s"] = time.perf_counter() - t0  # in simulation: Ray actors start + import here
     t0 = time.perf_counter()
@@ -310,7 +319,10 @@ def _run(
         recorder.finish_round(global_round, **values)
         return MetricRecord(metrics) if metrics else None
 
-    strategy = make_strategy(cfg, recorder.observe, num_nodes=len(node_ids), round_offset=offset)
+    clients = {r.node_id: {"dataset": r.dataset, "partition-id": r.partition_id} for r in reports}
+    strategy = make_strategy(
+        cfg, recorder.observe, num_nodes=len(node_ids), round_offset=offset, clients=clients
+    )
     # stats as UTF-8 JSON bytes: Flower logs bytes as <bytes> instead of printing the whole table
     run_conf = {"frozen-fingerprint": fingerprint, "norm-stats": stats_json.encode()}
     result = strategy.start(

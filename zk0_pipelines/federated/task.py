@@ -144,6 +144,7 @@ class TrainResult:
     samples_seen: int
     step_time_s: float
     client_update_norm: float
+    lr: float = 0.0
     extra: dict[str, float] = field(default_factory=dict)
 
     def to_metrics(self) -> dict[str, float | int]:
@@ -156,6 +157,7 @@ class TrainResult:
             "samples-seen": self.samples_seen,
             "step-time-s": self.step_time_s,
             "client-update-norm": self.client_update_norm,
+            "lr": self.lr,
         }
 
 
@@ -189,7 +191,7 @@ def train_local(
     )
     generator = torch.Generator().manual_seed(seed)
     batches = _infinite_batches(dataset, batch_size, generator)
-    losses, grad_norms, prox_terms, step_times = [], [], [], []
+    losses, grad_norms, prox_terms, step_times, lrs = [], [], [], [], []
     samples = 0
     policy.train()
     with torch.random.fork_rng(devices=[]):
@@ -204,6 +206,7 @@ def train_local(
             (loss + prox).backward()
             max_norm = grad_clip_norm if grad_clip_norm > 0 else math.inf
             grad_norm = torch.nn.utils.clip_grad_norm_(list(named.values()), max_norm)
+            lrs.append(float(optimizer.param_groups[0]["lr"]))  # the rate this step is taken with
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             step_times.append(time.perf_counter() - t0)
@@ -220,6 +223,7 @@ def train_local(
         samples_seen=samples,
         step_time_s=float(np.mean(step_times)),
         client_update_norm=drift,
+        lr=float(np.mean(lrs)),
     )
 
 
