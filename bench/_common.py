@@ -59,6 +59,7 @@ def setup_env(name: str) -> Path:
     import tempfile
 
     tempfile.tempdir = None  # re-read TMPDIR
+    quiet_flwr()
     return work
 
 
@@ -68,7 +69,9 @@ def quiet_flwr() -> None:
 
     import flwr.common.logger  # noqa: F401 - configures the "flwr" logger
 
-    logging.getLogger("flwr").setLevel(logging.WARNING)
+    flwr_logger = logging.getLogger("flwr")
+    flwr_logger.setLevel(logging.WARNING)
+    flwr_logger.propagate = False  # lerobot's import configures the root logger too (duplicate lines)
 
 
 def cleanup(work: Path, keep: bool) -> None:
@@ -79,6 +82,14 @@ def cleanup(work: Path, keep: bool) -> None:
     bench_root = (settings.state_dir() / "bench").resolve()
     if Path(work).resolve().parent == bench_root:
         shutil.rmtree(work, ignore_errors=True)
+
+
+def load_note() -> str:
+    """The machine's 1-minute load average against its core count (timings are unreliable when busy)."""
+    load = os.getloadavg()[0]
+    cores = os.cpu_count() or 1
+    busy = " - BUSY, timings are disturbed by other processes" if load > cores + 0.5 else ""
+    return f"load average {load:.2f} on {cores} cores{busy}"
 
 
 def peak_rss_gib() -> float:

@@ -116,15 +116,15 @@ def _measure(state: dict, wire_dtype: str, clients: int, reps: int) -> dict:
             copy_times.append(copy_s)
         del arrays
         gc.collect()
-    del replies, memcpy
-    gc.collect()
     agg, cp = C.median(agg_times), C.median(copy_times)
     return {"bytes": total, "aggregate-s": agg, "memcpy-s": cp, "ratio": agg / cp}
 
 
 def main(argv: list[str] | None = None) -> int:
     """Run the benchmark; prints the bfloat16 ratio, then the float32 (default) ratio last."""
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--reps", type=int, default=5)
     parser.add_argument("--clients", type=int, default=3)
     parser.add_argument("--tiny", action="store_true", help="tiny SmolVLA trainable set instead of real size")
@@ -152,6 +152,7 @@ def main(argv: list[str] | None = None) -> int:
                 f"{C.fmt_bytes(r['bytes'])} {r['memcpy-s']:.3f} s "
                 f"({r['bytes'] / r['memcpy-s'] / 1e9:.1f} GB/s); ratio {r['ratio']:.2f}"
             )
+        print(C.load_note())
         print(f"peak RSS {C.peak_rss_gib():.2f} GiB")
         C.print_json({"trainable-params": numel, "clients": args.clients, "reps": args.reps, **results})
         print(f"aggregation_bf16: {results['bfloat16']['ratio']:.3f}")

@@ -30,7 +30,9 @@ import _common as C
 
 def main(argv: list[str] | None = None) -> int:
     """Run the benchmark; prints the FedProx ratio, then the FedAvg ratio last."""
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--reps", type=int, default=25)
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--threads", type=int, default=1)
@@ -114,6 +116,7 @@ def main(argv: list[str] | None = None) -> int:
                 if rep >= args.warmup:
                     per_step[key].append(wall)
                     loop_only[key].append(inner)
+        print(C.load_note())
         med = {k: C.median(v) for k, v in per_step.items()}
         inner_med = {k: C.median(v) for k, v in loop_only.items() if k != "plain"}
         for key in variants:

@@ -84,7 +84,9 @@ def _wire_sizes(state: dict, wire_dtype: str) -> dict[str, int]:
 
 def main(argv: list[str] | None = None) -> int:
     """Run the benchmark; prints the ratios, bf16 last."""
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--keep", action="store_true", help="keep .zk0/bench/payload")
     args = parser.parse_args(argv)
     work = C.setup_env("payload")

@@ -3,7 +3,7 @@
 Runs ``zk0_pipelines.federated.launcher.run_federated`` (Flower simulation, one SuperNode per dataset) on
 the three synthetic client datasets and the eval dataset of ``configs/datasets.demo.yaml``, written with
 ``write_synthetic_so100`` into ``.zk0/bench/round_overhead``, with the default run config except
-``num-server-rounds`` (``--rounds``) and ``min-available-clients`` (3). From its ``metrics.json``:
+``num-server-rounds`` (``--rounds``) and ``min-available-clients`` (= ``--clients``). From ``metrics.json``:
 
 - round wall time: ``rounds[i]["wall-time-s"]`` (the strategy's configure_train → end of the server's
   evaluate_fn for that round: sending, client training, replies, aggregation, server eval, checkpoint);
@@ -11,10 +11,11 @@ the three synthetic client datasets and the eval dataset of ``configs/datasets.d
   record in that round; the slowest client counts;
 - server eval time: ``rounds[i]["server-eval-time-s"]``.
 
-Round 1 includes the clients' start-up (Ray workers import torch/lerobot, build the policy, open the
-dataset) and is reported separately; the last line is the median ratio of rounds 2..N.
+Ray workers start and import torch/lerobot during the query round (before round 1, not counted); round 1
+includes the clients' first policy build and dataset opening and is reported separately; the last line is
+the median ratio of rounds 2..N (a round-2 client may still build for a partition new to its Ray worker).
 
-    .venv/bin/python bench/round_overhead.py [--rounds 4] [--keep]
+    .venv/bin/python bench/round_overhead.py [--rounds 6] [--clients 3] [--keep]
 
 Last line: ``round_overhead: <steady-state median ratio>``.
 """
@@ -36,8 +37,10 @@ def _round_rows(metrics: dict, local_steps: int) -> list[dict]:
         if rnd < 1 or "wall-time-s" not in entry:
             continue
         clients = [c for c in metrics["clients"] if c.get("round") == rnd and c.get("phase") == "train"]
-        train = {str(c.get("dataset", c.get("node-id"))).rsplit("/", 1)[-1]: c["step-time-s"] * local_steps
-                 for c in clients}
+        train = {
+            str(c.get("dataset", c.get("node-id"))).rsplit("/", 1)[-1]: c["step-time-s"] * local_steps
+            for c in clients
+        }
         slowest = max(train.values())
         eval_s = float(entry.get("server-eval-time-s") or 0.0)
         wall = float(entry["wall-time-s"])
@@ -58,12 +61,17 @@ def _round_rows(metrics: dict, local_steps: int) -> list[dict]:
 
 def main(argv: list[str] | None = None) -> int:
     """Run the benchmark; prints round 1, the per-round table, and the steady-state ratio last."""
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--rounds", type=int, default=4)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--rounds", type=int, default=6)
+    parser.add_argument("--clients", type=int, default=3, help="first N demo client datasets (1-3)")
     parser.add_argument("--keep", action="store_true", help="keep .zk0/bench/round_overhead")
     args = parser.parse_args(argv)
     if args.rounds < 2:
         parser.error("--rounds must be >= 2 (round 1 is start-up)")
+    if not 1 <= args.clients <= len(C.DEMO_SPECS):
+        parser.error(f"--clients must be between 1 and {len(C.DEMO_SPECS)}")
     work = C.setup_env("round_overhead")
     try:
         from zk0_pipelines.federated.launcher import run_federated
@@ -71,7 +79,7 @@ def main(argv: list[str] | None = None) -> int:
 
         t0 = time.perf_counter()
         data = work / "data"
-        train_roots = [C.write_dataset(data, name, **spec) for name, spec in C.DEMO_SPECS]
+        train_roots = [C.write_dataset(data, name, **spec) for name, spec in C.DEMO_SPECS[: args.clients]]
         eval_roots = [C.write_dataset(data, C.DEMO_EVAL_SPEC[0], **C.DEMO_EVAL_SPEC[1])]
         print(f"datasets written in {time.perf_counter() - t0:.1f} s")
         config = {"num-server-rounds": args.rounds, "min-available-clients": len(train_roots)}
@@ -79,11 +87,12 @@ def main(argv: list[str] | None = None) -> int:
         t1 = time.perf_counter()
         result = run_federated(train_roots, eval_roots, work / "run", config)
         total = time.perf_counter() - t1
+        print(C.load_note())
         metrics = json.loads(result.metrics_path.read_text())
         rows = _round_rows(metrics, cfg.local_steps)
         print(
-            f"run_federated: {args.rounds} rounds, {len(train_roots)} clients, local-steps {cfg.local_steps}, "
-            f"batch {cfg.batch_size}, {total:.1f} s in all (launcher timings "
+            f"run_federated: {args.rounds} rounds, {len(train_roots)} clients, "
+            f"local-steps {cfg.local_steps}, batch {cfg.batch_size}, {total:.1f} s in all (launcher timings "
             f"{ {k: round(v, 1) for k, v in result.timings.items()} })"
         )
         baseline = next((r for r in metrics["rounds"] if r["round"] == 0), {})
@@ -91,10 +100,13 @@ def main(argv: list[str] | None = None) -> int:
             print(f"round 0 (baseline server eval only): eval {baseline['server-eval-time-s']:.2f} s")
         for row in rows:
             clients = ", ".join(f"{k} {v:.2f}" for k, v in row["client-train-s"].items())
+            wall, slowest, ev, other = (
+                row[k] for k in ("wall-s", "slowest-client-s", "server-eval-s", "overhead-s")
+            )
             print(
-                f"round {row['round']}: wall {row['wall-s']:.2f} s = slowest client {row['slowest-client-s']:.2f}"
-                f" + server eval {row['server-eval-s']:.2f} + other {row['overhead-s']:.2f} s "
-                f"(clients: {clients}; sum {row['sum-clients-s']:.2f}); ratio {row['ratio']:.2f}"
+                f"round {row['round']}: wall {wall:.2f} s = slowest client {slowest:.2f} + eval {ev:.2f}"
+                f" + other {other:.2f} s (clients: {clients}; sum {row['sum-clients-s']:.2f}); "
+                f"ratio {row['ratio']:.2f}"
             )
         steady = C.median([r["ratio"] for r in rows[1:]])
         C.print_json({"rounds": rows, "total-s": total, "timings": result.timings})
