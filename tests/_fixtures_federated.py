@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import json
+import subprocess
+import sys
+import time
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -89,3 +93,53 @@ class InProcessGrid(Grid):
             except Exception as exc:  # noqa: BLE001 - mirrors Flower: errors travel as error replies
                 replies.append(Message(Error(code=0, reason=f"{type(exc).__name__}: {exc}"), reply_to=msg))
         return replies
+
+
+_LAUNCH_SCRIPT = """
+import json, sys
+from pathlib import Path
+from zk0_pipelines.federated.launcher import run_federated
+a = json.loads(sys.argv[1])
+run_federated([Path(p) for p in a["train"]], [Path(p) for p in a["eval"]], Path(a["run_dir"]), a["config"],
+              timeout_s=a["timeout_s"])
+"""
+
+
+def start_launcher_subprocess(
+    train: list[Path], evals: list[Path], run_dir: Path, config: dict, *, timeout_s: float = 900
+) -> subprocess.Popen:
+    """``run_federated`` in a child Python process leading its own session (so it can be ``killpg``-ed).
+
+    Its output goes to ``<run_dir>.launcher.log``.
+    """
+    args = {
+        "train": [str(p) for p in train],
+        "eval": [str(p) for p in evals],
+        "run_dir": str(run_dir),
+        "config": config,
+        "timeout_s": timeout_s,
+    }
+    log = open(f"{run_dir}.launcher.log", "wb")  # noqa: SIM115 - handed to the child
+    try:
+        return subprocess.Popen(
+            [sys.executable, "-c", _LAUNCH_SCRIPT, json.dumps(args)],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            start_new_session=True,
+        )
+    finally:
+        log.close()
+
+
+def wait_until(predicate, proc: subprocess.Popen, timeout_s: float, what: str, log_path: Path) -> None:
+    """Poll ``predicate`` every 0.2 s; fail if ``proc`` exits first or ``timeout_s`` passes."""
+    deadline = time.monotonic() + timeout_s
+    while not predicate():
+        if proc.poll() is not None:
+            raise AssertionError(
+                f"launcher exited ({proc.returncode}) before {what}:\n{log_path.read_text()[-3000:]}"
+            )
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}:\n{log_path.read_text()[-3000:]}")
+        time.sleep(0.2)

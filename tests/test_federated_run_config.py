@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import json
+import os
+import subprocess
 import tomllib
 from pathlib import Path
 
@@ -113,3 +116,43 @@ def test_generated_app_pyproject(tmp_path):
     assert app_cfg.seed == 7
     assert app_cfg.train_paths == [a.resolve(), b.resolve()]
     assert app_cfg.output_dir == str((tmp_path / "run").resolve())
+
+
+def _record(run_dir: Path, launch_id: str, launcher_pid: int, home: Path) -> Path:
+    path = run_dir / "logs" / launcher.LAUNCH_RECORD.format(launch_id)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    entry = launcher._identity(launcher_pid) or {"pid": launcher_pid, "create-time": 0.0}
+    payload = {"launch-id": launch_id, "status": "running", "launcher": entry, "flwr-home": str(home)}
+    path.write_text(json.dumps(payload))
+    return path
+
+
+def test_stale_launches_are_reaped_and_live_ones_refused(tmp_path, monkeypatch):
+    monkeypatch.setenv("FLWR_HOME", str(tmp_path / "flwr"))
+    home = tmp_path / "flwr" / "launches" / "dead0001"
+    home.mkdir(parents=True)
+    env = dict(os.environ, **{launcher.LAUNCH_ENV: "dead0001"})
+    orphan = subprocess.Popen(["sleep", "60"], env=env, start_new_session=True)
+    gone = subprocess.Popen(["true"])
+    gone.wait()  # a launcher that no longer exists
+    try:
+        path = _record(tmp_path / "run", "dead0001", gone.pid, home)
+        assert [p.pid for p in launcher.launch_processes("dead0001")] == [orphan.pid]
+        reaped = launcher.reap_stale_launches(tmp_path / "run")
+        assert [r["launch-id"] for r in reaped] == ["dead0001"]
+        assert orphan.wait(timeout=10) is not None and not home.exists()
+        assert json.loads(path.read_text())["status"] == "reaped"
+        assert launcher.reap_stale_launches(tmp_path / "run") == []  # idempotent
+
+        alive = subprocess.Popen(["sleep", "60"])
+        try:
+            _record(tmp_path / "busy", "live0001", alive.pid, home)
+            with pytest.raises(launcher.FederatedRunError, match="in use by launch live0001"):
+                launcher.reap_stale_launches(tmp_path / "busy")
+        finally:
+            alive.kill()
+            alive.wait()
+    finally:
+        if orphan.poll() is None:
+            orphan.kill()
+            orphan.wait()

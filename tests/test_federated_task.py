@@ -196,3 +196,101 @@ def test_resume_continues_from_the_last_checkpoint(roots, tmp_path):
         resumed["rounds"][2]["server-eval"]["eval-loss"] == straight["rounds"][2]["server-eval"]["eval-loss"]
     )
     assert rec.latest_checkpoint(tmp_path / "resumed")[0] == 2
+
+
+FAULTY = {
+    "min-replies": 1,
+    "lr-schedule": "cosine",
+    "learning-rate": 1e-3,
+    "inject-faults": "nan:0@1,raise:1@2",  # round 1: client 0 sends NaN; round 2: client 1 crashes
+}
+
+
+@pytest.fixture(scope="module")
+def faulty_run(roots, tmp_path_factory):
+    """Two clients, quorum 1, injected faults, cosine LR; the clients' own run config says lr 0.5."""
+    from zk0_pipelines.federated.client_app import app as client_app
+    from zk0_pipelines.federated.server_app import run_server
+
+    out = tmp_path_factory.mktemp("faulty") / "out"
+    values = dict(
+        TINY_CONFIG,
+        **FAULTY,
+        **{
+            "train-datasets": ",".join(map(str, roots["train"])),
+            "eval-datasets": ",".join(map(str, roots["eval"])),
+            "output-dir": str(out),
+        },
+    )
+    cfg = parse_run_config(values)
+    client_config = dict(cfg.to_dict(), **{"learning-rate": 0.5})  # must be ignored: the server's LR wins
+    grid = InProcessGrid(client_app, [{"partition-id": 0}, {"partition-id": 1}], client_config)
+    run_server(grid, cfg, out)
+    return cfg, out, json.loads((out / rec.METRICS_FILE).read_text())
+
+
+def test_a_crashing_client_is_dropped_and_the_run_completes(faulty_run, roots):
+    _, _, metrics = faulty_run
+    assert metrics["status"] == "completed"
+    second = metrics["rounds"][2]
+    assert second["num-accepted"] == 1 and second["num-dropped"] == 1 and second["num-rejected"] == 0
+    (dropped,) = second["dropped"]
+    assert dropped["partition-id"] == 1 and dropped["node-id"] == 101
+    assert dropped["dataset"] == str(roots["train"][1]) and "InjectedFault" in dropped["reason"]
+    statuses = {(c["round"], c["partition-id"]): c["status"] for c in metrics["clients"]}
+    assert statuses == {(1, 0): "rejected", (1, 1): "accepted", (2, 0): "accepted", (2, 1): "dropped"}
+
+
+def test_a_nan_update_is_rejected_and_the_global_model_stays_finite(faulty_run):
+    from safetensors.torch import load_file
+
+    _, out, metrics = faulty_run
+    first = metrics["rounds"][1]
+    assert first["num-accepted"] == 1 and first["num-rejected"] == 1
+    (rejected,) = first["rejected"]
+    assert rejected["partition-id"] == 0 and rejected["node-id"] == 100
+    assert "NaN/Inf" in rejected["reason"]
+    for entry in metrics["rounds"][1:]:
+        assert 0 < entry["update-norm"] < float("inf")
+        assert entry["server-eval"]["eval-loss"] < float("inf")
+        state = load_file(
+            rec.checkpoint_dir(out, entry["round"]) / rec.TRAINING_STATE_DIR / rec.TRAINABLE_FILE
+        )
+        assert all(bool(torch.isfinite(t).all()) for t in state.values())
+    final = load_file(out / rec.FINAL_DIR / "model.safetensors")
+    assert all(bool(torch.isfinite(t).all()) for t in final.values())
+
+
+def test_the_scheduled_learning_rate_reaches_the_clients(faulty_run):
+    cfg, _, metrics = faulty_run
+    expected = {r: cfg.learning_rate_at(r) for r in (1, 2)}
+    assert expected[1] == 1e-3 and expected[2] == pytest.approx(0.5e-3)  # cosine over 2 rounds
+    assert {r["round"]: r["learning-rate"] for r in metrics["rounds"][1:]} == expected
+    trained = [c for c in metrics["clients"] if c["status"] != "dropped"]
+    assert len(trained) == 3
+    for row in trained:  # the rate the client's optimizer stepped with
+        assert row["lr"] == pytest.approx(expected[row["round"]], rel=1e-12)
+
+
+def test_below_the_quorum_the_run_fails_naming_the_clients(roots, tmp_path):
+    from zk0_pipelines.federated.client_app import app as client_app
+    from zk0_pipelines.federated.server_app import run_server
+    from zk0_pipelines.federated.strategy import QuorumFailure
+
+    values = dict(
+        TINY_CONFIG,
+        **{
+            "inject-faults": "raise:1@1",
+            "train-datasets": ",".join(map(str, roots["train"])),
+            "output-dir": str(tmp_path / "out"),
+        },
+    )
+    cfg = parse_run_config(values)  # quorum = min-available-clients = 2
+    grid = InProcessGrid(client_app, [{"partition-id": 0}, {"partition-id": 1}], cfg.to_dict())
+    name = roots["train"][1].name
+    with pytest.raises(QuorumFailure, match=rf"{name} \(node 101\): InjectedFault"):
+        run_server(grid, cfg, tmp_path / "out")
+    metrics = json.loads((tmp_path / "out" / rec.METRICS_FILE).read_text())
+    assert metrics["status"] == "failed" and f"{name} (node 101)" in metrics["error"]
+    assert metrics["rounds"][1]["dropped"][0]["partition-id"] == 1
+    assert rec.latest_checkpoint(tmp_path / "out") is None

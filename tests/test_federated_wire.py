@@ -1,15 +1,15 @@
-"""Wire formats, FedProx term, stats serialisation and the strategy's strictness (no model needed)."""
+"""Wire formats, FedProx term, stats serialisation and the strategy's aggregation (no model needed)."""
 
 from __future__ import annotations
 
 import numpy as np
 import pytest
 import torch
-from flwr.app import ConfigRecord, Error, Message, MetricRecord, RecordDict
+from flwr.app import ConfigRecord, Message, MetricRecord, RecordDict
 
 from zk0_pipelines.federated import wire
 from zk0_pipelines.federated.run_config import parse_run_config
-from zk0_pipelines.federated.strategy import ClientFailure, ZkFedAvg, make_strategy
+from zk0_pipelines.federated.strategy import ZkFedAvg, make_strategy
 
 
 def test_proximal_term_on_known_weights():
@@ -113,17 +113,10 @@ def test_bfloat16_strategy_adds_weighted_mean_update_to_float32_master(request_m
 def test_float32_strategy_uses_flower_fedavg(request_message):
     strategy = make_strategy(parse_run_config({}), lambda *a: None, num_nodes=2)
     assert isinstance(strategy, ZkFedAvg)
+    strategy._master = wire.encode_state({"p": torch.tensor([2.0])}, "float32")
     weights = [{"p": torch.tensor([1.0])}, {"p": torch.tensor([3.0])}]
     arrays, _ = strategy.aggregate_train(1, _replies(request_message, weights, [3, 1], "float32"))
     assert wire.decode_state(arrays)["p"].item() == pytest.approx(1.5)
-
-
-def test_a_failing_client_fails_the_round(request_message):
-    strategy = make_strategy(parse_run_config({}), lambda *a: None, num_nodes=2)
-    good = _replies(request_message, [{"p": torch.tensor([1.0])}], [1], "float32")
-    bad = Message(Error(code=0, reason="ValueError: frozen weights differ"), reply_to=request_message)
-    with pytest.raises(ClientFailure, match="frozen weights differ"):
-        strategy.aggregate_train(1, [*good, bad])
 
 
 def test_fedprox_strategy_sends_mu():

@@ -27,8 +27,11 @@ class FederatedTrainingConfig(dg.Config):
     local_steps: int = 2
     batch_size: int = 2
     learning_rate: float = 1e-4
+    lr_schedule: str = "constant"
     seed: int = 0
     min_available_clients: int = 1
+    min_replies: int = 0
+    max_update_norm_ratio: float = 10.0
     eval_every: int = 1
     chunk_size: int = 10
     wire_dtype: str = "float32"

@@ -273,6 +273,7 @@ class LocalSimulation:
         self.port: int | None = None
         self.superlink: subprocess.Popen | None = None
         self._started: list[subprocess.Popen] = []
+        self._identities: list[dict[str, Any]] = []  # {pid, create-time} of what this launch started
         self._tail: deque[str] = deque(maxlen=60)
 
     # -- environment -------------------------------------------------------------------------------------
@@ -314,14 +315,13 @@ class LocalSimulation:
     def _write_record(self, status: str) -> None:
         from zk0_pipelines.federated.recorder import write_json_atomic
 
-        processes = [ident for p in self._started if (ident := _identity(p.pid)) is not None]
         write_json_atomic(
             self.record_path,
             {
                 "launch-id": self.launch_id,
                 "status": status,
                 "launcher": _identity(os.getpid()),
-                "processes": processes,
+                "processes": self._identities,
                 "flwr-home": str(self.flwr_home),
                 "ray-tmp": str(self.ray_tmp),
                 "port": self.port,
@@ -330,6 +330,8 @@ class LocalSimulation:
 
     def _track(self, proc: subprocess.Popen) -> None:
         self._started.append(proc)
+        if (ident := _identity(proc.pid)) is not None:
+            self._identities.append(ident)
         self._write_record("running")
 
     def start(self) -> None:
@@ -537,11 +539,14 @@ def run_federated(
 
     ``config`` holds run-config keys (see ``run_config.FIELDS``) except ``train-datasets``,
     ``eval-datasets`` and ``output-dir``, which come from the arguments. Everything the server writes
-    (checkpoints, metrics.json, final/) and the logs land in ``run_dir``.
+    (checkpoints, metrics.json, final/) and the logs land in ``run_dir``. Processes left running by an earlier
+    launch in ``run_dir`` that was killed (even with SIGKILL) are stopped first (module doc); with
+    ``resume = true`` the run continues from the last complete checkpoint in ``run_dir``.
 
     Raises:
         ValueError / FileNotFoundError: bad config or dataset folder, before anything starts.
-        FederatedRunError: the run failed or timed out (status and last log lines in the message).
+        FederatedRunError: the run failed or timed out (status and last log lines in the message), or
+            another launcher is still using ``run_dir``.
     """
     from zk0_pipelines.federated import recorder as rec
     from zk0_pipelines.settings import configure_local_env
