@@ -40,7 +40,8 @@ TRAIN_IDS = ("client_a", "client_b", "client_c")
 
 
 def test_definitions_load_and_connect_every_stage() -> None:
-    dg.Definitions.validate_loadable(defs)
+    with dg.instance_for_test():  # loading consults the current instance's definitions-state storage
+        dg.Definitions.validate_loadable(defs)
     graph = defs.resolve_asset_graph()
     keys = {key.to_user_string() for key in graph.get_all_asset_keys()}
     assert set(LINEAGE) <= keys
