@@ -56,8 +56,10 @@ install: $(VENV)/.zk0-installed $(ROOT)/.tools/dvc/.zk0-installed
 demo: install
 	$(VENV)/bin/zk0 demo
 
+# pytest's exit code 5 (no test collected) is a failure, said out loud.
 test: install
-	HF_HUB_OFFLINE=1 $(VENV)/bin/python -m pytest $(PYTEST_ARGS)
+	HF_HUB_OFFLINE=1 $(VENV)/bin/python -m pytest $(PYTEST_ARGS) || { rc=$$?; \
+	  if [ $$rc -eq 5 ]; then echo "make test: pytest collected no tests"; fi; exit $$rc; }
 
 lint: install
 	$(VENV)/bin/ruff check zk0_pipelines tests bench
