@@ -273,3 +273,28 @@ def test_decoder_threads_do_not_change_the_result(clean_dataset: Path) -> None: 
     two = decode_video_file(path, [(0, 0, 30), (1, 30, 60)], min_run=2, threads=2)
     assert one.error is None and one.decoded == two.decoded == one.declared == 60
     assert one.longest_run == two.longest_run
+
+
+def _validate_in_child(root: str) -> None:
+    report = validate_dataset(Path(root), "child", workers=2)
+    assert report.passed, report.failures
+
+
+def test_a_multiprocessing_child_that_validated_with_workers_exits(clean_dataset: Path) -> None:  # noqa: F811
+    """Dagster runs each step in a multiprocessing child: its kept decode pool must not block its exit.
+
+    A child joins its non-daemon children before concurrent.futures' atexit hook would stop idle pool
+    workers; without the pool's exit finalizer the step process (and the Dagster run) never ends.
+    """
+    import multiprocessing
+
+    spawn = multiprocessing.get_context("spawn")
+    child = spawn.Process(target=_validate_in_child, args=(str(clean_dataset),))
+    child.start()
+    child.join(timeout=180)
+    alive = child.is_alive()
+    if alive:
+        child.kill()
+        child.join()
+    assert not alive, "the validating child process did not exit: its decode pool kept it alive"
+    assert child.exitcode == 0

@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import math
 import multiprocessing
+import multiprocessing.util
 import os
 import sys
 import threading
@@ -653,20 +654,27 @@ def _get_pool(n_workers: int) -> ProcessPoolExecutor:
             context = multiprocessing.get_context("spawn")
         pool = ProcessPoolExecutor(max_workers=n_workers, mp_context=context)
         _POOL.update(pool=pool, size=n_workers)
+        if not _POOL.get("finalizer"):
+            # A multiprocessing child (Dagster's step worker) joins its non-daemon children at exit
+            # *before* concurrent.futures' own atexit hook would stop them: idle pool workers then keep
+            # the step process (and the run) alive forever. multiprocessing runs finalizers of priority
+            # >= 0 before that join, highest first: stop the pool there, before the call queue's own
+            # finalizer (priority 10) stops the feeder thread that must deliver the workers' stop sentinels.
+            _POOL["finalizer"] = multiprocessing.util.Finalize(None, shutdown_decode_pool, exitpriority=100)
         return pool
 
 
-def _drop_pool() -> None:
+def _drop_pool(wait: bool = False) -> None:
     with _POOL_LOCK:
         pool = _POOL.pop("pool", None)
         _POOL.pop("size", None)
     if pool is not None:
-        pool.shutdown(wait=False, cancel_futures=True)
+        pool.shutdown(wait=wait, cancel_futures=True)
 
 
 def shutdown_decode_pool() -> None:
-    """Stop the worker processes kept between validations (they also stop at interpreter exit)."""
-    _drop_pool()
+    """Stop and join the worker processes kept between validations (also run at process exit)."""
+    _drop_pool(wait=True)
 
 
 def _check_video_decode(ctx: _Ctx, plan_problems: list[str]) -> CheckOutcome:
