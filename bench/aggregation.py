@@ -1,20 +1,24 @@
 """The ServerApp strategy's FedAvg aggregation ÷ a memcpy of the same bytes, at the real trainable size.
 
 Measured: ``strategy.aggregate_train(1, replies)`` of the strategy the ServerApp builds
-(``zk0_pipelines.federated.strategy.make_strategy`` with the default run config: FedAvg, float32 wire, which
-hands the replies to Flower's ``FedAvg.aggregate_train`` / ``aggregate_arrayrecords``), on ``--clients``
-replies built like ``client_app.train`` builds them (``wire.encode_state`` of the client's trainable weights,
-a MetricRecord with ``num-examples``, the client-info record), as answers to the strategy's own
-``configure_train`` messages. The bfloat16 wire (the mixin's update averaging) is measured and printed too.
+(``zk0_pipelines.federated.strategy.make_strategy`` with the default run config: FedAvg, float32 wire), i.e.
+everything the ServerApp does with a round's replies: dropped-client bookkeeping, the server-side update
+validation (key set, shapes, dtypes, weights, NaN/Inf, update-norm outliers), the fused zero-copy weighted
+average (``zk0_pipelines.federated.aggregate``), the finiteness check, the output ``ArrayRecord`` and the
+metric aggregation. On ``--clients`` replies built like ``client_app.train`` builds them
+(``wire.encode_state`` of the client's trainable weights, a MetricRecord with ``num-examples``, the
+client-info record), as answers to the strategy's own ``configure_train`` messages. The bfloat16 wire (bf16
+updates into the float32 master copy) is measured and printed too.
 
 Size: the trainable set of SmolVLA as in lerobot/smolvla_base on the real SmolVLM2-500M dimensions
 (99.9M parameters; ``--tiny`` uses the project's tiny SmolVLA instead).
 
 Baseline: ``numpy.copyto`` of one buffer holding as many bytes as the replies' arrays (pre-allocated,
 pages touched), i.e. the memory traffic of reading every received byte once.
-Interleaved repetitions, medians.
+Interleaved repetitions, medians. Torch runs with ``--threads`` intra-op threads (default 1: the launcher
+starts the ServerApp with ``OMP_NUM_THREADS=1``); numpy's copy is single-threaded too.
 
-    .venv/bin/python bench/aggregation.py [--reps 5] [--clients 3] [--tiny] [--keep]
+    .venv/bin/python bench/aggregation.py [--reps 5] [--clients 3] [--threads 1] [--tiny] [--keep]
 
 Last line: ``aggregation: <aggregate_train seconds ÷ memcpy seconds>`` (float32 wire, the default).
 """
@@ -127,6 +131,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--reps", type=int, default=5)
     parser.add_argument("--clients", type=int, default=3)
+    parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads (ServerApp: 1)")
     parser.add_argument("--tiny", action="store_true", help="tiny SmolVLA trainable set instead of real size")
     parser.add_argument("--keep", action="store_true", help="keep .zk0/bench/aggregation")
     args = parser.parse_args(argv)
@@ -134,6 +139,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         import torch
 
+        torch.set_num_threads(args.threads)
         t0 = time.perf_counter()
         state = _trainable_state(work, args.tiny)
         numel = sum(t.numel() for t in state.values())

@@ -5,9 +5,12 @@ Measured: ``zk0_pipelines.federated.task.train_local`` (what ``client_app.train`
 (``proximal-mu`` = ``--mu``). Time per step = wall time of the call ÷ steps (optimizer creation, weight
 snapshot, data loader and metrics included, as in a round).
 
-Baseline: a plain lerobot step on an identical policy, the same batches (the ones ``train_local`` draws for
-that seed), same seed: ``AdamW`` created once per call like in a round, then per step
-``loss, _ = policy.forward(preprocessor(batch)); loss.backward(); optimizer.step(); optimizer.zero_grad()``.
+Baseline: lerobot's own training step on an identical policy, same seed, same batches: ``AdamW`` created
+once per call like in a round, a ``DataLoader`` over the same frames (shuffled with the same seeded
+generator, so the same batches ``train_local`` draws) cycled with lerobot's ``cycle``, then per step
+``preprocessor(batch)`` and lerobot-train's ``update_policy`` (forward, ``accelerator.backward``, gradient
+clipping at ``grad-clip-norm``, ``optimizer.step``, ``zero_grad``, loss/grad-norm ``.item()``), with the
+CPU ``Accelerator`` lerobot-train creates.
 
 Both sides read the same frames from memory (the client's LeRobotDataset items, decoded once beforehand), so
 video decoding is excluded from both. The three variants run interleaved (rotating order), ``--reps`` times
@@ -22,7 +25,6 @@ Last line: ``client_step: <fedavg median step ÷ plain median step>``.
 from __future__ import annotations
 
 import argparse
-import copy
 import sys
 
 import _common as C
@@ -80,23 +82,39 @@ def main(argv: list[str] | None = None) -> int:
             )
             return seconds / steps, result.step_time_s
 
+        from accelerate import Accelerator
+        from lerobot.scripts.lerobot_train import update_policy
+        from lerobot.utils.logging_utils import AverageMeter, MetricsTracker
+        from lerobot.utils.utils import cycle
+
+        accelerator = Accelerator(cpu=True)  # what lerobot-train uses; on CPU: no autocast, no scaling
+
         def plain(seed: int) -> tuple[float, float]:
+            """lerobot-train's loop: DataLoader ``cycle``, preprocessor, ``update_policy`` (clips grads)."""
             policy, preprocessor = policies["plain"], pre["plain"]
-            batches = task._infinite_batches(frames, batch_size, torch.Generator().manual_seed(seed))
-            chosen = [copy.deepcopy(next(batches)) for _ in range(steps)]  # the batches train_local draws
             params = [p for p in policy.parameters() if p.requires_grad]
-            policy.train()
             torch.manual_seed(seed)
 
             def run() -> None:
                 optimizer = torch.optim.AdamW(
                     params, lr=cfg.learning_rate, betas=(0.9, 0.95), eps=1e-8, weight_decay=cfg.weight_decay
                 )
-                for batch in chosen:
-                    loss, _ = policy.forward(preprocessor(batch))
-                    loss.backward()
-                    optimizer.step()
-                    optimizer.zero_grad()
+                loader = torch.utils.data.DataLoader(
+                    frames,
+                    batch_size=batch_size,
+                    shuffle=True,
+                    num_workers=0,
+                    generator=torch.Generator().manual_seed(seed),
+                    drop_last=False,
+                )
+                meters = {k: AverageMeter(k, ":.3f") for k in ("loss", "grad_norm", "lr", "update_s")}
+                tracker = MetricsTracker(batch_size, len(frames), 2, meters, accelerator=accelerator)
+                dl_iter = cycle(loader)
+                for _ in range(steps):
+                    batch = preprocessor(next(dl_iter))
+                    tracker, _ = update_policy(
+                        tracker, policy, batch, optimizer, cfg.grad_clip_norm, accelerator=accelerator
+                    )
 
             seconds, _ = C.timed(run)
             return seconds / steps, float("nan")

@@ -202,13 +202,18 @@ FAULTY = {
     "min-replies": 1,
     "lr-schedule": "cosine",
     "learning-rate": 1e-3,
+    "strategy": "fedprox",
+    "proximal-mu": 0.01,
+    "mu-schedule": "step",
+    "mu-step-factor": 4.0,  # mu 0.01 in round 1, 0.04 in round 2
     "inject-faults": "nan:0@1,raise:1@2",  # round 1: client 0 sends NaN; round 2: client 1 crashes
 }
 
 
 @pytest.fixture(scope="module")
 def faulty_run(roots, tmp_path_factory):
-    """Two clients, quorum 1, injected faults, cosine LR; the clients' own run config says lr 0.5."""
+    """Two clients, quorum 1, injected faults, cosine LR, stepped FedProx mu; the clients' own run config
+    says lr 0.5 and mu 0.5."""
     from zk0_pipelines.federated.client_app import app as client_app
     from zk0_pipelines.federated.server_app import run_server
 
@@ -223,7 +228,8 @@ def faulty_run(roots, tmp_path_factory):
         },
     )
     cfg = parse_run_config(values)
-    client_config = dict(cfg.to_dict(), **{"learning-rate": 0.5})  # must be ignored: the server's LR wins
+    # must be ignored: the server's scheduled LR and mu win
+    client_config = dict(cfg.to_dict(), **{"learning-rate": 0.5, "proximal-mu": 0.5})
     grid = InProcessGrid(client_app, [{"partition-id": 0}, {"partition-id": 1}], client_config)
     run_server(grid, cfg, out)
     return cfg, out, json.loads((out / rec.METRICS_FILE).read_text())
@@ -270,6 +276,18 @@ def test_the_scheduled_learning_rate_reaches_the_clients(faulty_run):
     assert len(trained) == 3
     for row in trained:  # the rate the client's optimizer stepped with
         assert row["lr"] == pytest.approx(expected[row["round"]], rel=1e-12)
+
+
+def test_the_scheduled_proximal_mu_reaches_the_clients(faulty_run):
+    cfg, _, metrics = faulty_run
+    expected = {r: cfg.proximal_mu_at(r) for r in (1, 2)}
+    assert expected == {1: 0.01, 2: pytest.approx(0.04)}
+    assert {r["round"]: r["proximal-mu"] for r in metrics["rounds"][1:]} == expected
+    trained = [c for c in metrics["clients"] if c["status"] != "dropped"]
+    assert len(trained) == 3
+    for row in trained:  # the mu the client's proximal term was computed with
+        assert row["proximal-mu"] == pytest.approx(expected[row["round"]], rel=1e-12)
+        assert row["proximal-term"] > 0  # w moved away from the global weights after the first step
 
 
 def test_below_the_quorum_the_run_fails_naming_the_clients(roots, tmp_path):

@@ -221,6 +221,43 @@ def test_the_scheduled_learning_rate_is_in_the_train_config():
     assert [p["learning-rate"] for kind, _, p in seen if kind == "configure-train"] == [0.01, 0.005]
 
 
+@pytest.mark.parametrize(
+    ("values", "expected"),
+    [
+        ({}, [0.1, 0.1, 0.1, 0.1]),
+        ({"mu-schedule": "linear", "mu-final": 0.4}, [0.1, 0.2, 0.3, 0.4]),
+        ({"mu-schedule": "step", "mu-step-rounds": 2, "mu-step-factor": 3.0}, [0.1, 0.1, 0.3, 0.3]),
+    ],
+)
+def test_proximal_mu_schedule(values, expected):
+    cfg = parse_run_config({"strategy": "fedprox", "proximal-mu": 0.1, "num-server-rounds": 4, **values})
+    assert [cfg.proximal_mu_at(r) for r in range(1, 5)] == pytest.approx(expected, rel=1e-12)
+    assert parse_run_config({}).proximal_mu_at(3) == 0.0  # fedavg: no proximal term
+
+
+def test_the_scheduled_proximal_mu_is_in_the_train_config():
+    seen: list = []
+    values = {"strategy": "fedprox", "proximal-mu": 0.2, "mu-schedule": "step", "mu-step-factor": 0.25}
+    strategy, requests = _start(2, seen, **values)
+    assert {m.content["config"]["proximal-mu"] for m in requests.values()} == {0.2}
+    strategy.round_offset = 1  # global round 2 (e.g. a resumed run)
+    again = strategy.configure_train(1, wire.encode_state(MASTER), ConfigRecord(), FakeGrid([101, 102]))
+    assert {m.content["config"]["proximal-mu"] for m in again} == {0.05}  # 0.2 * 0.25 is exact
+    assert [p["proximal-mu"] for kind, _, p in seen if kind == "configure-train"] == [
+        0.2,
+        pytest.approx(0.05),
+    ]
+
+
+def test_mu_schedule_keys_are_validated():
+    with pytest.raises(ValueError, match="'mu-schedule'"):
+        parse_run_config({"mu-schedule": "linear"})  # fedavg has no mu to schedule
+    with pytest.raises(ValueError, match="'mu-schedule'"):
+        parse_run_config({"strategy": "fedprox", "proximal-mu": 0.1, "mu-schedule": "cosine"})
+    with pytest.raises(ValueError, match="'mu-step-factor'"):
+        parse_run_config({"strategy": "fedprox", "proximal-mu": 0.1, "mu-step-factor": 0.0})
+
+
 def test_learning_rate_keys_are_validated():
     with pytest.raises(ValueError, match="'lr-schedule'"):
         parse_run_config({"lr-schedule": "linear"})
@@ -242,3 +279,23 @@ def test_fault_injection_entries():
     for bad in ("explode:1@2", "raise:x@2", "raise:1@0", "raise:1"):
         with pytest.raises(ValueError, match="'inject-faults'"):
             parse_run_config({"inject-faults": bad})
+
+
+@pytest.mark.parametrize("wire_dtype", ["float32", "bfloat16"])
+def test_a_non_finite_global_model_never_yields_an_aggregate(wire_dtype):
+    broken = {k: v.clone() for k, v in MASTER.items()}
+    broken["b"][0, 1] = math.inf
+    cfg = parse_run_config({"min-available-clients": 2, "wire-dtype": wire_dtype})
+    strategy = make_strategy(cfg, lambda *a: None, num_nodes=2, clients=_clients(2))
+    requests = {
+        int(m.metadata.dst_node_id): m
+        for m in strategy.configure_train(1, wire.encode_state(broken), ConfigRecord(), FakeGrid([101, 102]))
+    }
+    update = {k: torch.full_like(v, 0.5) for k, v in MASTER.items()}
+    payload = update if wire_dtype == "bfloat16" else {k: MASTER[k] + 0.5 for k in MASTER}
+    replies = [_reply(requests[n], wire.encode_state(payload, wire_dtype)) for n in (101, 102)]
+    # float32 wire: every update (reply - inf) is non-finite, so both replies are rejected;
+    # bfloat16 wire: the updates are fine, the sum with the broken master is caught
+    expected = QuorumFailure if wire_dtype == "float32" else FloatingPointError
+    with pytest.raises(expected):
+        strategy.aggregate_train(1, replies)

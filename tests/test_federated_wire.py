@@ -7,7 +7,8 @@ import pytest
 import torch
 from flwr.app import ConfigRecord, Message, MetricRecord, RecordDict
 
-from zk0_pipelines.federated import wire
+from zk0_pipelines.federated import aggregate, wire
+from zk0_pipelines.federated.polling import PollingGrid
 from zk0_pipelines.federated.run_config import parse_run_config
 from zk0_pipelines.federated.strategy import ZkFedAvg, make_strategy
 
@@ -110,7 +111,7 @@ def test_bfloat16_strategy_adds_weighted_mean_update_to_float32_master(request_m
     assert [c["num-examples"] for c in clients] == [1, 3]
 
 
-def test_float32_strategy_uses_flower_fedavg(request_message):
+def test_float32_strategy_averages_weights_by_examples(request_message):
     strategy = make_strategy(parse_run_config({}), lambda *a: None, num_nodes=2)
     assert isinstance(strategy, ZkFedAvg)
     strategy._master = wire.encode_state({"p": torch.tensor([2.0])}, "float32")
@@ -125,3 +126,87 @@ def test_fedprox_strategy_sends_mu():
     )
     assert strategy.proximal_mu == 0.3
     assert strategy.min_available_nodes == 2 and strategy.min_train_nodes == 2
+
+
+def _random_state(seed: int, scale: float = 1.0) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    shapes = {"w": (7, 5), "b": (3,), "s": (), "big": (4, 33)}
+    return {k: scale * torch.randn(shape, generator=g) for k, shape in shapes.items()}
+
+
+@pytest.mark.parametrize("wire_dtype", ["float32", "bfloat16"])
+def test_fused_pass_is_the_weighted_mean_update_and_its_norms(wire_dtype):
+    master = _random_state(0)
+    updates = [_random_state(1 + i, 1e-2) for i in range(3)]
+    weights = [0.2, 0.5, 0.3]
+    reply_states = (
+        updates if wire_dtype == "bfloat16" else [{k: master[k] + u[k] for k in u} for u in updates]
+    )
+    records = [wire.encode_state(r, wire_dtype) for r in reply_states]
+    views = [{k: wire.array_view(k, a) for k, a in rec.items()} for rec in records]
+    reference = {k: wire.array_view(k, a) for k, a in wire.encode_state(master).items()}
+    shapes = {k: tuple(v.shape) for k, v in master.items()}
+
+    outputs = []
+    for chunk in (5, 1 << 18):  # chunking must not change a single bit
+        out = aggregate.OutputState(shapes)
+        result = aggregate.fused_pass(
+            reference, views, weights, replies_are_updates=wire_dtype == "bfloat16", out=out, chunk=chunk
+        )
+        outputs.append(wire.decode_state(out.seal()))
+        assert result.finite
+    assert all(torch.equal(outputs[0][k], outputs[1][k]) for k in master)
+
+    sent = [wire.decode_state(rec) for rec in records]  # what the server received, as float32
+    for k in master:
+        got_updates = [s[k].double() - (0 if wire_dtype == "bfloat16" else master[k].double()) for s in sent]
+        expected = master[k].double() + sum(w * u for w, u in zip(weights, got_updates, strict=True))
+        assert torch.allclose(outputs[0][k].double(), expected, rtol=0, atol=1e-6)
+        for index, u in enumerate(got_updates):
+            assert result.squared_norms[index][k] == pytest.approx(float((u**2).sum()), rel=1e-4, abs=1e-12)
+
+
+def test_the_aggregate_is_a_plain_numpy_array_record(request_message):
+    strategy = make_strategy(parse_run_config({}), lambda *a: None, num_nodes=2)
+    master = _random_state(0)
+    strategy._master = wire.encode_state(master, "float32")
+    arrays, _ = strategy.aggregate_train(1, _replies(request_message, [master, master], [1, 1], "float32"))
+    for name, array in arrays.items():  # what numpy.save writes: Flower's own Array.numpy() reads it
+        np.testing.assert_array_equal(array.numpy(), master[name].numpy())
+        assert array.data == wire.encode_state({name: master[name]})[name].data
+
+
+class _SlowGrid:
+    """push/pull of a grid whose replies become available after ``ready_after`` pulls."""
+
+    def __init__(self, ready_after: int) -> None:
+        self.ready_after, self.pulls = ready_after, 0
+
+    def push_messages(self, messages):
+        return [f"id-{i}" for i, _ in enumerate(messages)]
+
+    def pull_messages(self, message_ids):
+        self.pulls += 1
+        if self.pulls < self.ready_after:
+            return []
+
+        class _Reply:
+            def __init__(self, mid: str) -> None:
+                self.metadata = type("M", (), {"reply_to_message_id": mid})()
+
+        return [_Reply(m) for m in message_ids]
+
+
+def test_polling_grid_returns_replies_as_soon_as_they_are_pulled():
+    import time
+
+    inner = _SlowGrid(ready_after=4)
+    grid = PollingGrid(inner, min_interval=0.001, max_interval=0.004)
+    t0 = time.monotonic()
+    replies = list(grid.send_and_receive(["a", "b"], timeout=10))
+    assert sorted(r.metadata.reply_to_message_id for r in replies) == ["id-0", "id-1"]
+    assert inner.pulls == 4 and time.monotonic() - t0 < 1.0  # Flower's HttpGrid sleeps 3 s per pull
+    never = _SlowGrid(ready_after=10**9)
+    t0 = time.monotonic()
+    assert list(PollingGrid(never, max_interval=0.01).send_and_receive(["a"], timeout=0.1)) == []
+    assert 0.1 <= time.monotonic() - t0 < 1.0

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import re
 import socket
+import sqlite3
+import time
 from pathlib import Path
 
 import pytest
@@ -23,9 +25,9 @@ from zk0_pipelines.tracking.mlflow_registry import (
 )
 
 ROUNDS = [
-    {"round": 1, "train_loss": 1.50, "eval_loss": 1.80, "note": "text is skipped"},
-    {"round": 2, "train_loss": 1.10, "eval_loss": 1.40},
-    {"round": 3, "train_loss": 0.90, "eval_loss": 1.25},
+    {"round": 1, "train_loss": 1.50, "eval_loss": 1.80, "eval_action_mse": 310.5, "note": "text is skipped"},
+    {"round": 2, "train_loss": 1.10, "eval_loss": 1.40, "eval_action_mse": 250.25},
+    {"round": 3, "train_loss": 0.90, "eval_loss": 1.25, "eval_action_mse": 260.0},
 ]
 CLIENTS = [
     {"round": r, "client": c, "train_loss": 2.0 / r + i, "num_examples": 10 + i}
@@ -74,6 +76,10 @@ def test_run_logs_params_metrics_and_artifacts(registry: ModelRegistry, logged: 
     assert [(m.step, m.value) for m in sorted(history, key=lambda m: m.step)] == [
         (r["round"], r["eval_loss"]) for r in ROUNDS
     ]
+    mse_history = client.get_metric_history(logged, "eval_action_mse")
+    assert sorted((m.step, m.value) for m in mse_history) == [
+        (r["round"], r["eval_action_mse"]) for r in ROUNDS
+    ]
     assert "note" not in run.data.metrics
     b_hist = client.get_metric_history(logged, "client/client_b/train_loss")
     expected = [(c["round"], c["train_loss"]) for c in CLIENTS if c["client"] == "client_b"]
@@ -118,6 +124,63 @@ def test_promote_rules(registry: ModelRegistry, logged: str) -> None:
     assert not nan.promoted and str(registry.champion(name).version) == "2"
     with pytest.raises(ValueError, match="promote_rule"):
         _register(registry, logged, name, 0.1, promote_rule="sometimes")
+
+
+def test_promotion_by_action_mse(registry: ModelRegistry, logged: str) -> None:
+    name = "zk0-by-mse"
+    rule = {"promote_rule": "lower_action_mse"}
+    v1 = _register(registry, logged, name, 1.0, action_mse=200.0, **rule)
+    assert (
+        v1.promoted and v1.tags["action_mse"] == "200.0" and v1.tags["zk0.promotion.metric"] == "action_mse"
+    )
+    # worse loss but lower action MSE: promoted under this rule; both champion numbers are recorded
+    v2 = _register(registry, logged, name, 3.0, action_mse=150.0, **rule)
+    assert v2.promoted and "action_mse 150 < champion v1 200" in v2.decision
+    assert (v2.champion_action_mse, v2.champion_eval_loss) == (200.0, 1.0)
+    assert v2.tags["zk0.promotion.champion_action_mse"] == "200.0"
+    # better loss, worse action MSE: kept as challenger
+    v3 = _register(registry, logged, name, 0.1, action_mse=180.0, **rule)
+    assert not v3.promoted and str(registry.champion(name).version) == v2.version
+    missing = _register(registry, logged, name, 0.1, **rule)
+    assert not missing.promoted and "action_mse is None" in missing.decision
+    assert missing.tags["action_mse"] == "none"
+    # the default rule still compares the eval loss, whatever the MSE
+    assert _register(registry, logged, name, 0.05, action_mse=1e9).promoted
+
+
+def test_locked_sqlite_store_fails_fast_and_registration_retries_alone(tmp_path: Path) -> None:
+    db = tmp_path / "locked" / "mlflow.db"
+    uri = f"sqlite:///{db}"
+    registry = ModelRegistry(uri, experiment="zk0-lock", busy_timeout_s=0.5)
+    checkpoint = fake_checkpoint(tmp_path / "ckpt")
+    run_id = registry.log_federated_run("before-lock", {}, ROUNDS, checkpoint_dir=checkpoint)
+    holder = sqlite3.connect(db, isolation_level=None, timeout=0.1)
+    holder.execute("BEGIN EXCLUSIVE")  # another process writing: nobody else may read or write
+    try:
+        started = time.monotonic()
+        with pytest.raises(MlflowStoreUnavailable, match=re.escape(uri)) as err:
+            ModelRegistry(uri, busy_timeout_s=0.5).register_version("zk0-locked", run_id, eval_loss=1.0)
+        waited = time.monotonic() - started
+    finally:
+        holder.execute("ROLLBACK")
+        holder.close()
+    assert "database is locked" in str(err.value) and "retry" in str(err.value)
+    assert waited < 10, f"the configured 0.5 s busy timeout was not applied (waited {waited:.1f} s)"
+    assert (checkpoint / "model.safetensors").stat().st_size > 0  # what was trained stays on disk
+
+    retried = ModelRegistry(uri, busy_timeout_s=0.5).register_version("zk0-locked", run_id, eval_loss=1.0)
+    assert retried.version == "1" and retried.promoted  # the failed attempt left no half-made version
+    assert len(registry.client.search_model_versions("name='zk0-locked'")) == 1
+
+
+def test_busy_timeout_is_validated(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("ZK0_MLFLOW_BUSY_TIMEOUT_S", "2.5")
+    assert ModelRegistry("sqlite:///unused.db").busy_timeout_s == 2.5
+    monkeypatch.setenv("ZK0_MLFLOW_BUSY_TIMEOUT_S", "soon")
+    with pytest.raises(ValueError, match="ZK0_MLFLOW_BUSY_TIMEOUT_S"):
+        ModelRegistry("sqlite:///unused.db")
+    with pytest.raises(ValueError, match="busy timeout"):
+        ModelRegistry("sqlite:///unused.db", busy_timeout_s=-1)
 
 
 def test_registered_folder_downloads(registry: ModelRegistry, logged: str, tmp_path: Path) -> None:

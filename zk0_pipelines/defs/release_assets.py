@@ -41,8 +41,9 @@ def lineage_tags(federated_model: dict[str, Any]) -> dict[str, str]:
     kinds={"mlflow"},
     description=(
         "An MLflow model version of the federated run: params, per-round and per-client metrics, plots, "
-        "checkpoint; tags carry the DVC md5, dataset revisions, git commit, config hash; alias challenger, "
-        "champion only when it beats the current champion's server eval loss."
+        "checkpoint; tags carry the DVC md5, dataset revisions, git commit, config hash, eval loss and "
+        "action MSE; alias challenger, champion only when it beats the current champion by the promotion "
+        "rule (server eval loss by default)."
     ),
 )
 def registered_model(
@@ -77,7 +78,12 @@ def _register(
         params=federated_model["config"],
         round_metrics=federated_model["rounds"],
         client_metrics=federated_model["clients"],
-        plots={"server_eval.png": Path(server_evaluation["plot"])},
+        plots={
+            name: Path(path)
+            for name, path in server_evaluation.get(
+                "plots", {"server_eval.png": server_evaluation["plot"]}
+            ).items()
+        },
         checkpoint_dir=Path(federated_model["final_checkpoint"]),
         tags={**tags, "dagster_run_id": context.run.run_id},
     )
@@ -88,6 +94,7 @@ def _register(
         tags=tags,
         eval_loss=server_evaluation["final_eval_loss"],
         promote_rule=mlflow.promote_rule,
+        action_mse=server_evaluation.get("final_action_mse"),
     )
     context.add_output_metadata(
         {
@@ -96,6 +103,13 @@ def _register(
             "aliases": ", ".join(version.aliases),
             "promoted": version.promoted,
             "decision": version.decision,
+            "promote_rule": mlflow.promote_rule,
+            "eval_loss": float(server_evaluation["final_eval_loss"]),
+            **(
+                {"action_mse": float(server_evaluation["final_action_mse"])}
+                if server_evaluation.get("final_action_mse") is not None
+                else {}
+            ),
             "mlflow_run_id": run_id,
             "mlflow_tracking_uri": registry.tracking_uri,
             "dvc_md5": tags["dvc_md5"],
@@ -107,6 +121,7 @@ def _register(
         "version": str(version.version),
         "aliases": list(version.aliases),
         "promoted": version.promoted,
+        "decision": version.decision,
         "run_id": run_id,
         "tags": tags,
     }

@@ -7,15 +7,26 @@ from typing import Any
 
 import dagster as dg
 import pandas as pd
+from pydantic import Field
 
 from zk0_pipelines import settings
 from zk0_pipelines.datasets.admission import admitted_datasets, data_fingerprint
 from zk0_pipelines.defs.ingest_assets import validated_dataset
-from zk0_pipelines.defs.resources import DatasetRegistryResource, DvcResource, PolicyResource
-from zk0_pipelines.defs.round_metrics import flatten_client, flatten_round
+from zk0_pipelines.defs.resources import (
+    DatasetRegistryResource,
+    DvcResource,
+    MlflowResource,
+    PolicyResource,
+)
+from zk0_pipelines.defs.round_metrics import (
+    eval_columns_first,
+    flatten_client,
+    flatten_round,
+    summarize_server_eval,
+)
 from zk0_pipelines.federated.launcher import run_federated
 from zk0_pipelines.reproduce import round_weight_hashes
-from zk0_pipelines.tracking.mlflow_registry import config_hash, plot_round_metrics
+from zk0_pipelines.tracking.mlflow_registry import config_hash, plot_round_metrics, promotion_metric
 
 
 class FederatedTrainingConfig(dg.Config):
@@ -35,10 +46,18 @@ class FederatedTrainingConfig(dg.Config):
     eval_every: int = 1
     chunk_size: int = 10
     wire_dtype: str = "float32"
+    federation: str = Field(
+        default="simulation",
+        description=(
+            "Flower runtime: 'simulation' (one process, Ray) or 'local-deployment' (a TLS, "
+            "node-authenticated SuperLink and one SuperNode process per training dataset on 127.0.0.1)"
+        ),
+    )
 
     def run_config(self) -> dict[str, Any]:
-        """The Flower run config (kebab-case keys) this config stands for."""
-        return {key.replace("_", "-"): value for key, value in self.model_dump().items()}
+        """The Flower run config (kebab-case keys) this config stands for (not the runtime choice)."""
+        values = self.model_dump(exclude={"federation"})
+        return {key.replace("_", "-"): value for key, value in values.items()}
 
 
 @dg.asset(
@@ -151,7 +170,9 @@ def federated_model(
     run_dir, resume = federated_run_dir(dataset_snapshot["dvc_md5"], run_config, context.run.run_id)
     if resume:
         context.log.info(f"resuming the interrupted federated run in {run_dir} from its last checkpoint")
-    result = run_federated(train, evals, run_dir, {**run_config, "resume": resume})
+    result = run_federated(
+        train, evals, run_dir, {**run_config, "resume": resume}, federation=config.federation
+    )
     round_rows = [flatten_round(r) for r in result.rounds]
     client_rows = [flatten_client(c) for c in result.clients]
     rounds = pd.DataFrame(round_rows)
@@ -160,6 +181,7 @@ def federated_model(
             "run_dir": dg.MetadataValue.path(str(result.run_dir)),
             "final_checkpoint": dg.MetadataValue.path(str(result.final_checkpoint)),
             "num_clients": len(train),
+            "federation": config.federation,
             "rounds": dg.MetadataValue.md(rounds.to_markdown(index=False)),
             "dvc_md5": dataset_snapshot["dvc_md5"],
         }
@@ -181,34 +203,55 @@ def federated_model(
     group_name="training",
     kinds={"pytorch"},
     description=(
-        "Server-side evaluation on the held-out datasets after each round: the loss curve and best round."
+        "Server-side evaluation on the held-out datasets after each round: seeded flow-matching loss and "
+        "the action MSE (raw units) of predicted action chunks, per dataset and overall; curves and the "
+        "best round by the registry's promotion metric."
     ),
 )
-def server_evaluation(context: dg.AssetExecutionContext, federated_model: dict[str, Any]) -> dict[str, Any]:
-    """Summarise the per-round server evaluation and plot the curve."""
-    rounds = [r for r in federated_model["rounds"] if r.get("eval_loss") is not None]
+def server_evaluation(
+    context: dg.AssetExecutionContext, federated_model: dict[str, Any], mlflow: MlflowResource
+) -> dict[str, Any]:
+    """Summarise the per-round server evaluation (table, best rounds) and plot the curves."""
+    rounds = [eval_columns_first(r) for r in federated_model["rounds"] if r.get("eval_loss") is not None]
     if not rounds:
         raise dg.Failure(
             "the federated run produced no server evaluation: check eval-every and eval datasets"
         )
-    best = min(rounds, key=lambda r: r["eval_loss"])
-    final = rounds[-1]
-    plot = plot_round_metrics(federated_model["rounds"], Path(federated_model["run_dir"]) / "server_eval.png")
+    try:
+        summary = summarize_server_eval(rounds, promotion_metric(mlflow.promote_rule))
+    except ValueError as exc:
+        raise dg.Failure(f"server evaluation: {exc} (promote_rule={mlflow.promote_rule!r})") from exc
+    run_dir = Path(federated_model["run_dir"])
+    plot = plot_round_metrics(federated_model["rounds"], run_dir / "server_eval.png")
+    plots = {"loss": plot}
+    mse_keys = sorted({k for r in rounds for k in r if k.startswith("eval_action_mse")})
+    if mse_keys:
+        plots["action_mse"] = plot_round_metrics(
+            rounds, run_dir / "server_eval_action_mse.png", keys=mse_keys, title="Action MSE (raw units)"
+        )
+    metadata: dict[str, Any] = {
+        key: (int(value) if key.endswith("round") else float(value))
+        for key, value in summary.items()
+        if value is not None and key != "selection_metric"
+    }
     context.add_output_metadata(
         {
-            "final_eval_loss": float(final["eval_loss"]),
-            "best_round": int(best["round"]),
-            "best_eval_loss": float(best["eval_loss"]),
+            **metadata,
+            "selection_metric": summary["selection_metric"],
             "curve": dg.MetadataValue.md(pd.DataFrame(rounds).to_markdown(index=False)),
             "plot": dg.MetadataValue.md(_inline_png(plot)),
+            **(
+                {"plot_action_mse": dg.MetadataValue.md(_inline_png(plots["action_mse"]))}
+                if "action_mse" in plots
+                else {}
+            ),
         }
     )
     return {
-        "final_eval_loss": float(final["eval_loss"]),
-        "best_round": int(best["round"]),
-        "best_eval_loss": float(best["eval_loss"]),
+        **summary,
         "rounds": rounds,
         "plot": str(plot),
+        "plots": {f"{Path(path).name}": str(path) for path in plots.values()},
     }
 
 

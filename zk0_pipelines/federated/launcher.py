@@ -22,6 +22,10 @@ folder whose launcher is gone: it kills the processes carrying its id (and the r
 Flower home and Ray temp folder and marks it ``reaped``; a launch whose launcher is still alive makes it
 refuse the folder. A new launch then uses a new port, Flower home and Ray folder, and ``resume = true``
 continues from the last complete checkpoint.
+
+``run_federated(..., federation="local-deployment")`` runs the same app on Flower's deployment runtime
+instead (``deployment.LocalDeployment``, a subclass of ``LocalSimulation``: TLS, SuperNode authentication,
+one SuperNode process per dataset), with the same launch records, reaping and run-folder layout.
 """
 
 from __future__ import annotations
@@ -54,6 +58,7 @@ CONNECTION = "zk0"
 _ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
 _RUN_ID = re.compile(r"Successfully started run (\d+)")
 LAUNCHER_KEYS = ("train-datasets", "eval-datasets", "output-dir")
+FEDERATIONS = ("simulation", "local-deployment")  # run_federated's runtimes (deployment: deployment.py)
 
 
 @dataclass
@@ -245,6 +250,10 @@ def reap_stale_launches(run_dir: Path) -> list[dict[str, Any]]:
         log.warning("reaped stale launch %s in %s (killed pids %s)", record.get("launch-id"), run_dir, killed)
         reaped.append(record)
     return reaped
+
+
+#: Concurrent single-threaded simulated clients per CPU given to Ray (``LocalSimulation.run_command``).
+MAX_CLIENTS_PER_CPU = 2
 
 
 class LocalSimulation:
@@ -473,13 +482,21 @@ class LocalSimulation:
             if line.strip():
                 flwr_log.info("%s", line)
 
-    def run_app(self, app_dir: Path, num_supernodes: int, timeout_s: float) -> tuple[str, str]:
-        """Submit ``app_dir`` and stream its logs until it finishes; returns ``(run_id, final status)``."""
+    def run_command(self, app_dir: Path, num_supernodes: int) -> list[str]:
+        """The ``flwr run`` command line submitting ``app_dir`` (simulation: with its federation config)."""
+        # All clients train at once, each single-threaded (OMP_NUM_THREADS), sharing the num_cpus cores:
+        # Ray's CPU count is logical and Flower only takes whole CPUs per client, so Ray is told one CPU
+        # per SuperNode (at most MAX_CLIENTS_PER_CPU per real CPU) instead of running clients in waves.
+        ray_cpus = max(self.num_cpus, min(num_supernodes, MAX_CLIENTS_PER_CPU * self.num_cpus))
         fed = (
             f"num-supernodes={num_supernodes} client-resources-num-cpus=1 "
-            f"init-args-num-cpus={self.num_cpus} init-args-log-to-driver=true"
+            f"init-args-num-cpus={ray_cpus} init-args-log-to-driver=true"
         )
-        cmd = [_tool("flwr"), "run", str(app_dir), CONNECTION, "--federation-config", fed, "--stream"]
+        return [_tool("flwr"), "run", str(app_dir), CONNECTION, "--federation-config", fed, "--stream"]
+
+    def run_app(self, app_dir: Path, num_supernodes: int, timeout_s: float) -> tuple[str, str]:
+        """Submit ``app_dir`` and stream its logs until it finishes; returns ``(run_id, final status)``."""
+        cmd = self.run_command(app_dir, num_supernodes)
         run_id_box: list[str] = []
         deadline = time.monotonic() + timeout_s
         with open(self.logs_dir / "flwr-run.log", "a") as sink:
@@ -534,8 +551,13 @@ def run_federated(
     num_cpus: int = 2,
     object_store_bytes: int = 512 * 1024**2,
     torch_threads: int = 1,
+    federation: str = "simulation",
 ) -> FederatedResult:
     """Run federated training in Flower simulation with one SuperNode per training dataset.
+
+    ``federation = "local-deployment"`` runs the same app on Flower's deployment runtime instead: a TLS,
+    node-authenticated SuperLink and one ``flower-supernode`` process per training dataset, each given only
+    its own dataset path (``deployment.LocalDeployment``); the run folder has the same layout.
 
     ``config`` holds run-config keys (see ``run_config.FIELDS``) except ``train-datasets``,
     ``eval-datasets`` and ``output-dir``, which come from the arguments. Everything the server writes
@@ -554,6 +576,8 @@ def run_federated(
     configure_local_env()
     run_dir = Path(run_dir).resolve()
     cfg = build_run_config([Path(p) for p in train_roots], [Path(p) for p in eval_roots], run_dir, config)
+    if federation not in FEDERATIONS:
+        raise ValueError(f"federation must be one of {', '.join(FEDERATIONS)}, got {federation!r}")
     run_dir.mkdir(parents=True, exist_ok=True)
     if (run_dir / rec.METRICS_FILE).exists() and not cfg.resume:
         raise FileExistsError(
@@ -562,9 +586,14 @@ def run_federated(
     timings: dict[str, float] = {}
     t0 = time.perf_counter()
     reaped = reap_stale_launches(run_dir)
-    sim = LocalSimulation(
-        run_dir, num_cpus=num_cpus, object_store_bytes=object_store_bytes, torch_threads=torch_threads
-    )
+    if federation == "local-deployment":
+        from zk0_pipelines.federated.deployment import LocalDeployment
+
+        sim: LocalSimulation = LocalDeployment(run_dir, list(train_roots), torch_threads=torch_threads)
+    else:
+        sim = LocalSimulation(
+            run_dir, num_cpus=num_cpus, object_store_bytes=object_store_bytes, torch_threads=torch_threads
+        )
     ok = False
     try:
         sim.start()
@@ -602,6 +631,7 @@ def run_federated(
         extra={
             **{k: metrics.get(k) for k in ("norm-stats", "policy", "best-round", "best-eval-loss")},
             "launch-id": sim.launch_id,
+            "federation": federation,
             "reaped-launches": [r["launch-id"] for r in reaped],
         },
     )

@@ -21,6 +21,7 @@ POLICY_SOURCES = ("tiny", "pretrained")
 WIRE_DTYPES = ("float32", "bfloat16")
 DEVICES = ("cpu", "cuda", "mps")
 LR_SCHEDULES = ("constant", "cosine", "step")
+MU_SCHEDULES = ("constant", "linear", "step")
 
 
 @dataclass(frozen=True)
@@ -73,6 +74,12 @@ FIELDS: tuple[Field, ...] = (
     Field("num-server-rounds", "num_server_rounds", int, 2, _at_least(1), "federated rounds"),
     Field("strategy", "strategy", str, "fedavg", _one_of(STRATEGIES), "server strategy"),
     Field("proximal-mu", "proximal_mu", float, 0.0, _at_least(0.0), "FedProx mu (fedprox only)"),
+    Field(
+        "mu-schedule", "mu_schedule", str, "constant", _one_of(MU_SCHEDULES), "server FedProx mu per round"
+    ),
+    Field("mu-final", "mu_final", float, 0.0, _at_least(0.0), "linear: mu reached in the last round"),
+    Field("mu-step-rounds", "mu_step_rounds", int, 1, _at_least(1), "step: rounds between mu changes"),
+    Field("mu-step-factor", "mu_step_factor", float, 0.5, _greater(0.0), "step: mu multiplier"),
     Field("local-steps", "local_steps", int, 4, _at_least(1), "optimizer steps per client and round"),
     Field("batch-size", "batch_size", int, 2, _at_least(1), "client batch size (also server eval)"),
     Field("learning-rate", "learning_rate", float, 1e-4, _greater(0.0), "base client AdamW learning rate"),
@@ -115,6 +122,10 @@ class RunConfig:
     num_server_rounds: int
     strategy: str
     proximal_mu: float
+    mu_schedule: str
+    mu_final: float
+    mu_step_rounds: int
+    mu_step_factor: float
     local_steps: int
     batch_size: int
     learning_rate: float
@@ -195,6 +206,23 @@ class RunConfig:
             return self.learning_rate * self.lr_step_gamma ** (done // self.lr_step_rounds)
         return self.learning_rate
 
+    def proximal_mu_at(self, global_round: int) -> float:
+        """The FedProx ``proximal-mu`` of ``global_round`` (1-based) under ``mu-schedule`` (server-side).
+
+        0 with strategy ``fedavg``. ``constant``: ``proximal-mu``. ``linear``: from ``proximal-mu`` in round
+        1 to ``mu-final`` in round ``num-server-rounds``. ``step``: ``proximal-mu * mu-step-factor **
+        ((r - 1) // mu-step-rounds)`` (a factor > 1 raises mu over the run, < 1 lowers it).
+        """
+        if self.strategy != "fedprox":
+            return 0.0
+        done = max(0, global_round - 1)
+        if self.mu_schedule == "linear":
+            progress = min(1.0, done / max(1, self.num_server_rounds - 1))
+            return self.proximal_mu + (self.mu_final - self.proximal_mu) * progress
+        if self.mu_schedule == "step":
+            return self.proximal_mu * self.mu_step_factor ** (done // self.mu_step_rounds)
+        return self.proximal_mu
+
     def should_evaluate(self, server_round: int) -> bool:
         """Server eval schedule: round 0 (baseline), every ``eval-every`` rounds, and the last round."""
         if self.eval_every == 0 or not self.eval_datasets:
@@ -264,6 +292,11 @@ def parse_run_config(values: Mapping[str, Any], *, fill_defaults: bool = True) -
         )
     if cfg.strategy == "fedprox" and cfg.proximal_mu == 0.0:
         raise ValueError("run config key 'proximal-mu' must be > 0 with strategy 'fedprox' (0 equals FedAvg)")
+    if cfg.mu_schedule != "constant" and cfg.strategy != "fedprox":
+        raise ValueError(
+            f"run config key 'mu-schedule' is '{cfg.mu_schedule}' but strategy is '{cfg.strategy}' "
+            "(a proximal-mu schedule needs strategy = 'fedprox')"
+        )
     if cfg.lr_schedule == "cosine" and cfg.lr_min >= cfg.learning_rate:
         raise ValueError(
             f"run config key 'lr-min' ({cfg.lr_min}) must be < 'learning-rate' ({cfg.learning_rate}) "

@@ -10,8 +10,10 @@ Order of a run (``run_server``):
 4. ``strategy.start`` with only the trainable parameters as ``initial_arrays`` (the strategy drops failed
    clients, rejects invalid updates, enforces the quorum and sends each round's scheduled learning rate:
    ``strategy`` doc); after every round the
-   ``evaluate_fn`` loads the aggregate, computes the seeded server loss on the eval datasets (when due), the
-   update norm, and writes a checkpoint and ``metrics.json`` (``recorder`` doc);
+   ``evaluate_fn`` loads the aggregate, computes the seeded server loss and the raw-unit action MSE of the
+   predicted action chunks on the eval datasets (when due; ``ServerEvaluator``), the update norm, and writes
+   a checkpoint and ``metrics.json`` (``recorder`` doc); the best rounds by each metric are recorded at the
+   end (``best_rounds``);
 5. export the final global policy to ``<output-dir>/final``.
 """
 
@@ -137,12 +139,20 @@ def check_same_features(named_features: list[tuple[str, dict[str, Any]]]) -> dic
 
 
 class ServerEvaluator:
-    """Seeded flow-matching loss of the global policy on the server's eval datasets (per dataset, overall)."""
+    """Seeded evaluation of the global policy on the server's eval datasets (per dataset and overall).
 
-    def __init__(self, cfg: RunConfig, policy, preprocessor, features: dict[str, Any]) -> None:
+    Per dataset: the seeded flow-matching loss and, with a ``postprocessor``, the action MSE in raw units
+    of the predicted action chunks (``task.evaluate_policy``). Overall values are frame-weighted means of
+    the per-dataset values.
+    """
+
+    def __init__(
+        self, cfg: RunConfig, policy, preprocessor, features: dict[str, Any], postprocessor=None
+    ) -> None:
         self.cfg = cfg
         self.policy = policy
         self.preprocessor = preprocessor
+        self.postprocessor = postprocessor
         self.datasets: dict[str, Any] = {}
         for index, root in enumerate(cfg.eval_paths):
             meta = task.open_metadata(root)
@@ -153,28 +163,38 @@ class ServerEvaluator:
             self.datasets[name] = task.open_dataset(root, policy, meta)
 
     def __call__(self) -> dict[str, float]:
-        """``{"eval-loss": overall, "eval-loss/<dataset>": ..., "eval-samples": n}`` (sample-weighted)."""
+        """``eval-loss``, ``eval-action-mse`` (overall and ``/<dataset>``) and ``eval-samples``."""
         out: dict[str, float] = {}
-        total, count = 0.0, 0
+        loss_sum, mse_sum, count = 0.0, 0.0, 0
         for name, dataset in self.datasets.items():
-            loss, n = task.evaluate_loss(
+            result = task.evaluate_policy(
                 self.policy,
                 self.preprocessor,
                 dataset,
                 batch_size=self.cfg.batch_size,
                 seed=self.cfg.seed,
                 max_batches=self.cfg.eval_max_batches,
+                postprocessor=self.postprocessor,
             )
-            out[f"eval-loss/{name}"] = loss
-            total += loss * n
-            count += n
-        out["eval-loss"] = total / count
+            out[f"eval-loss/{name}"] = result.loss
+            loss_sum += result.loss * result.samples
+            if result.action_mse is not None:
+                out[f"eval-action-mse/{name}"] = result.action_mse
+                mse_sum += result.action_mse * result.samples
+            count += result.samples
+        out["eval-loss"] = loss_sum / count
+        if self.postprocessor is not None:
+            out["eval-action-mse"] = mse_sum / count
         out["eval-samples"] = count
         return out
 
 
 def model_card(
-    cfg: RunConfig, server_round: int, reports: list[ClientReport], eval_loss: float | None
+    cfg: RunConfig,
+    server_round: int,
+    reports: list[ClientReport],
+    eval_loss: float | None,
+    action_mse: float | None = None,
 ) -> str:
     """Short markdown card for exported folders."""
     lines = [
@@ -190,7 +210,30 @@ def model_card(
     ]
     if eval_loss is not None:
         lines.append(f"- server eval loss (seeded flow matching): {eval_loss:.6f}")
+    if action_mse is not None:
+        lines.append(f"- server eval action MSE (predicted chunks, raw units): {action_mse:.6g}")
     return "\n".join(lines) + "\n"
+
+
+def best_rounds(rounds: list[dict[str, Any]]) -> dict[str, Any]:
+    """Best evaluated round by eval loss and by action MSE (lowest; earliest round on ties).
+
+    ``{"best-round", "best-eval-loss", "best-action-mse-round", "best-action-mse"}``, None when absent.
+    """
+    out: dict[str, Any] = {}
+    for metric, round_key, value_key in (
+        ("eval-loss", "best-round", "best-eval-loss"),
+        ("eval-action-mse", "best-action-mse-round", "best-action-mse"),
+    ):
+        found = [
+            (r["server-eval"][metric], r["round"])
+            for r in rounds
+            if r.get("server-eval") and r["server-eval"].get(metric) is not None
+        ]
+        best = min(found) if found else None
+        out[round_key] = best[1] if best else None
+        out[value_key] = best[0] if best else None
+    return out
 
 
 def run_server(grid: Grid, cfg: RunConfig, output_dir: Path, *, run_id: int | str | None = None) -> Result:
@@ -274,10 +317,10 @@ def _run(
         log.info("resuming after round %d from %s", offset, folder)
     load_trainable_state(policy, state)
 
-    evaluator = ServerEvaluator(cfg, policy, preprocessor, features)
+    evaluator = ServerEvaluator(cfg, policy, preprocessor, features, postprocessor)
     startup["server-build-s"] = time.perf_counter() - t0
     recorder.set("startup", startup)
-    last = {"state": {k: v.clone() for k, v in state.items()}, "eval": None}
+    last = {"state": {k: v.clone() for k, v in state.items()}, "eval": None, "action-mse": None}
     round_info = {
         "strategy": cfg.strategy,
         "run-config": cfg.to_dict(),
@@ -300,6 +343,7 @@ def _run(
             values["server-eval"] = metrics
             values["server-eval-time-s"] = time.perf_counter() - t0
             last["eval"] = metrics["eval-loss"]
+            last["action-mse"] = metrics.get("eval-action-mse")
         if server_round > 0:
             delta = wire.sub_state(current, last["state"])
             values["update-norm"] = wire.l2_norm(delta)
@@ -312,7 +356,7 @@ def _run(
                 postprocessor=postprocessor,
                 trainable=current,
                 round_info=round_info,
-                card_markdown=model_card(cfg, global_round, reports, last["eval"]),
+                card_markdown=model_card(cfg, global_round, reports, last["eval"], last["action-mse"]),
             )
             values["checkpoint"] = str(folder)
         last["state"] = current
@@ -341,16 +385,8 @@ def _run(
         preprocessor,
         postprocessor,
         output_dir / rec.FINAL_DIR,
-        card_markdown=model_card(cfg, cfg.num_server_rounds, reports, last["eval"]),
+        card_markdown=model_card(cfg, cfg.num_server_rounds, reports, last["eval"], last["action-mse"]),
         overwrite=True,
     )
-    evals = [
-        (r["round"], r["server-eval"]["eval-loss"]) for r in recorder.data["rounds"] if r.get("server-eval")
-    ]
-    best = min(evals, key=lambda item: item[1]) if evals else None
-    recorder.finish(
-        "completed",
-        final=str(final),
-        **{"best-round": best[0] if best else None, "best-eval-loss": best[1] if best else None},
-    )
+    recorder.finish("completed", final=str(final), **best_rounds(recorder.data["rounds"]))
     return result

@@ -9,9 +9,14 @@
    reason) and the run fails. Dropped and rejected clients are recorded per round.
 3. Server schedule: the learning rate of each global round (``RunConfig.learning_rate_at``) is computed
    here and sent in the train ``ConfigRecord`` as ``learning-rate``; clients train with that value.
-4. Wire dtype: ``float32`` uses Flower's own weighted averaging of the returned weights; ``bfloat16``
-   sends bf16 weights down and averages the clients' bf16 *updates* into the server's float32 master copy
-   (see ``wire``). Payload bytes per round are reported to the callback either way.
+4. Aggregation (``aggregate`` module, not Flower's ``aggregate_arrayrecords``, which deserialises every
+   reply and builds temporaries): one fused, zero-copy pass over the replies' bytes computes every
+   reply's update norm (validation) and ``w_global + sum_k (n_k / n) * update_k`` in float32. ``float32``
+   wire: replies carry weights (update = reply - w_global); ``bfloat16`` wire: replies carry bf16 updates,
+   averaged into the server's float32 master copy (see ``wire``). Payload bytes per round are reported.
+5. Proximal-mu schedule (FedProx): ``RunConfig.proximal_mu_at`` of each global round is sent as
+   ``proximal-mu`` in the train ``ConfigRecord``; clients add the proximal term with that value.
+6. Reply polling: ``start`` wraps Flower's grids (pull every 3 s / 0.1 s) in ``polling.PollingGrid``.
 
 Accepted replies are aggregated in a fixed client order (partition id, dataset), not in arrival order or
 by node id (random per launch), so float sums, and hence a resumed run, are bit-reproducible.
@@ -19,15 +24,20 @@ by node id (random per launch), so float sums, and hence a resumed run, are bit-
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
+import torch
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg, FedProx
+from flwr.superlink.grid import InMemoryGrid
+from flwr.superlink.grid.http_grid import HttpGrid
 
-from zk0_pipelines.federated import validation, wire
+from zk0_pipelines.federated import aggregate, validation, wire
+from zk0_pipelines.federated.polling import PollingGrid
 
 INFO_KEY = "client-info"
 
@@ -77,19 +87,30 @@ class _ZkStrategyMixin:
         quorum: int = 1,
         max_update_norm_ratio: float = 0.0,
         learning_rate_at: Callable[[int], float] | None = None,
+        proximal_mu_at: Callable[[int], float] | None = None,
         clients: Mapping[int, Mapping[str, Any]] | None = None,
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
+        aggregate.retain_freed_memory()  # this is the ServerApp process: reuse each round's buffers
         self.wire_dtype = wire_dtype
         self.observer = observer
         self.round_offset = round_offset
         self.quorum = quorum
         self.max_update_norm_ratio = max_update_norm_ratio
         self.learning_rate_at = learning_rate_at
+        self.proximal_mu_at = proximal_mu_at
         self.clients = dict(clients or {})
         self._master: ArrayRecord | None = None
         self._sampled: dict[str, list[int]] = {"train": [], "evaluate": []}
+        self._sent: dict[str, list[Message]] = {"train": [], "evaluate": []}
+
+    def start(self, grid: Grid, initial_arrays: ArrayRecord, *args: Any, **kwargs: Any) -> Any:
+        """Flower's ``start`` over a :class:`~zk0_pipelines.federated.polling.PollingGrid`: replies are seen
+        within milliseconds instead of after Flower's pull interval (deployment 3 s, simulation 0.1 s)."""
+        if isinstance(grid, HttpGrid | InMemoryGrid):  # deployment / simulation grids; test grids as they are
+            grid = PollingGrid(grid)
+        return super().start(grid, initial_arrays, *args, **kwargs)
 
     def _to_wire(self, arrays: ArrayRecord) -> ArrayRecord:
         if self.wire_dtype == "float32":
@@ -108,10 +129,20 @@ class _ZkStrategyMixin:
             "reason": reason,
         }
 
+    def _reply_node(self, phase: str, msg: Message) -> int:
+        """The sampled node a reply answers for (deployment: the SuperLink itself signs the error reply
+        of a node that stopped sending heartbeats, so its source is the SuperLink, not the node)."""
+        src = int(msg.metadata.src_node_id)
+        if src not in self._sampled[phase]:
+            for sent in self._sent[phase]:
+                if sent.metadata.message_id == msg.metadata.reply_to_message_id:
+                    return int(sent.metadata.dst_node_id)
+        return src
+
     def _dropped(self, phase: str, replies: list[Message]) -> list[dict[str, Any]]:
         """Error replies and sampled nodes that did not reply."""
-        dropped = [self._entry(m.metadata.src_node_id, m.error.reason) for m in replies if m.has_error()]
-        replied = {int(m.metadata.src_node_id) for m in replies}
+        dropped = [self._entry(self._reply_node(phase, m), m.error.reason) for m in replies if m.has_error()]
+        replied = {self._reply_node(phase, m) for m in replies}
         dropped += [
             self._entry(node, "no reply within round-timeout-s")
             for node in self._sampled[phase]
@@ -136,47 +167,80 @@ class _ZkStrategyMixin:
     def configure_train(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
-        """Encode the global weights, tag the global round and its scheduled LR, report payload size."""
+        """Encode the global weights, tag the global round and its scheduled LR/mu, report payload size."""
         self._master = arrays
         global_round = self.round_offset + server_round
         config["global-round"] = global_round
         payload: dict[str, Any] = {}
         if self.learning_rate_at is not None:
             config["learning-rate"] = payload["learning-rate"] = float(self.learning_rate_at(global_round))
+        if self.proximal_mu_at is not None and hasattr(self, "proximal_mu"):
+            # FedProx.configure_train puts self.proximal_mu into the config as "proximal-mu"
+            self.proximal_mu = payload["proximal-mu"] = float(self.proximal_mu_at(global_round))
         wire_arrays = self._to_wire(arrays)
         messages = list(super().configure_train(server_round, wire_arrays, config, grid))
         self._sampled["train"] = [int(m.metadata.dst_node_id) for m in messages]
+        self._sent["train"] = messages
         payload.update(
             {"payload-bytes-down-per-client": wire.payload_bytes(wire_arrays), "num-sampled": len(messages)}
         )
         self.observer("configure-train", global_round, payload)
         return messages
 
-    def _validate(self, replies: list[Message]) -> dict[int, str]:
-        """Rejection reasons of content replies, by index in ``replies`` (``validation`` module)."""
+    def _reference(self) -> tuple[dict[str, torch.Tensor], dict[str, tuple[int, ...]]]:
+        """Zero-copy flat float32 views of the global weights sent this round, and their shapes."""
         if self._master is None:
             raise RuntimeError("aggregate_train before configure_train: no global weights to check against")
-        reference = wire.decode_state(self._master)
-        checks = {
-            i: validation.check_reply(m.content, reference, self.wire_dtype, self.weighted_by_key)
-            for i, m in enumerate(replies)
-        }
-        reasons = {i: str(c.reason) for i, c in checks.items() if not c.ok}
-        norms = {i: c.norm for i, c in checks.items() if c.ok and c.norm is not None}
-        reasons.update(validation.norm_outliers(norms, self.max_update_norm_ratio))
-        return reasons
+        views = {name: wire.array_view(name, array) for name, array in self._master.items()}
+        return views, {name: tuple(array.shape) for name, array in self._master.items()}
+
+    def _aggregate(
+        self, reference: dict[str, torch.Tensor], checks: list[validation.ReplyCheck], norms: bool
+    ) -> tuple[aggregate.OutputState, aggregate.PassResult]:
+        """One fused pass: ``reference + sum_i w_i update_i`` over ``checks`` (in order) and their norms."""
+        total = math.fsum(c.weight for c in checks)
+        out = aggregate.OutputState({name: tuple(self._master[name].shape) for name in reference})
+        result = aggregate.fused_pass(
+            reference,
+            [c.views for c in checks],
+            [c.weight / total for c in checks],
+            replies_are_updates=self.wire_dtype == "bfloat16",
+            out=out,
+            norms=norms,
+        )
+        return out, result
 
     def aggregate_train(
         self, server_round: int, replies: Iterable[Message]
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
-        """Drop failed clients, validate replies, check the quorum, aggregate (Flower FedAvg or bf16)."""
+        """Drop failed clients, validate replies, check the quorum, aggregate (see ``aggregate`` module).
+
+        The structurally valid replies are aggregated optimistically in the same pass that computes their
+        update norms; if the norms then reject one (NaN/Inf, outlier), the pass is redone over the accepted
+        replies only, so the result never depends on a rejected reply.
+        """
         replies = list(replies)
         global_round = self.round_offset + server_round
         dropped = self._dropped("train", replies)
-        content = [m for m in replies if not m.has_error()]
-        reasons = self._validate(content)
-        accepted = [m for i, m in enumerate(content) if i not in reasons]
-        rejected = [self._entry(content[i].metadata.src_node_id, r, content[i]) for i, r in reasons.items()]
+        content = sorted((m for m in replies if not m.has_error()), key=_order_key)
+        reference, shapes = self._reference()
+        checks = [
+            validation.check_reply(m.content, shapes, self.wire_dtype, self.weighted_by_key) for m in content
+        ]
+        candidates = [i for i, c in enumerate(checks) if c.ok]
+        out, result = None, None
+        if candidates:
+            out, result = self._aggregate(reference, [checks[i] for i in candidates], norms=True)
+            for i, squared in zip(candidates, result.squared_norms, strict=True):
+                checks[i] = validation.check_norms(checks[i], squared)
+        reasons = {i: str(c.reason) for i, c in enumerate(checks) if not c.ok}
+        norms = {i: float(c.norm) for i, c in enumerate(checks) if c.ok and c.norm is not None}
+        reasons.update(validation.norm_outliers(norms, self.max_update_norm_ratio))
+        accepted_idx = [i for i in range(len(content)) if i not in reasons]
+        accepted = [content[i] for i in accepted_idx]
+        rejected = [
+            self._entry(content[i].metadata.src_node_id, r, content[i]) for i, r in sorted(reasons.items())
+        ]
         for i, msg in enumerate(content):
             row = _client_row(msg)
             row.update(
@@ -195,31 +259,19 @@ class _ZkStrategyMixin:
             "dropped": dropped,
             "rejected": rejected,
         }
-        if len(accepted) < self.quorum:
+        if len(accepted) < self.quorum or not accepted:
             self.observer("aggregate-train", global_round, {**summary, "metrics": None})
             self._check_quorum("train", global_round, len(accepted), dropped, rejected)
-        accepted.sort(key=_order_key)
-        if self.wire_dtype == "float32":
-            arrays, metrics = super().aggregate_train(server_round, accepted)
-        else:
-            arrays, metrics = self._aggregate_updates(accepted)
-        if arrays is not None and not validation.all_finite({k: a.numpy() for k, a in arrays.items()}):
+            return None, None
+        if accepted_idx != candidates:  # a reply was rejected by its norm: aggregate without it
+            out, result = self._aggregate(reference, [checks[i] for i in accepted_idx], norms=False)
+        assert out is not None and result is not None
+        arrays = out.seal()
+        if not result.finite:
             raise FloatingPointError(f"train round {global_round}: the aggregated model is not finite")
+        metrics = self.train_metrics_aggr_fn([m.content for m in accepted], self.weighted_by_key)
         self.observer("aggregate-train", global_round, {**summary, "metrics": dict(metrics or {})})
         return arrays, metrics
-
-    def _aggregate_updates(self, replies: list[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
-        valid, _ = self._check_and_log_replies(replies, is_train=True)
-        if not valid or self._master is None:
-            return None, None
-        contents = [m.content for m in valid]
-        weights = [float(next(iter(c.metric_records.values()))[self.weighted_by_key]) for c in contents]
-        updates = [wire.decode_state(next(iter(c.array_records.values()))) for c in contents]
-        mean_update = wire.weighted_mean(updates, weights)
-        master = wire.decode_state(self._master)
-        new_state = {k: master[k] + mean_update[k] for k in master}
-        metrics = self.train_metrics_aggr_fn(contents, self.weighted_by_key)
-        return wire.encode_state(new_state, "float32"), metrics
 
     # -- evaluate ----------------------------------------------------------------------------------------
     def configure_evaluate(
@@ -229,6 +281,7 @@ class _ZkStrategyMixin:
         config["global-round"] = self.round_offset + server_round
         messages = list(super().configure_evaluate(server_round, self._to_wire(arrays), config, grid))
         self._sampled["evaluate"] = [int(m.metadata.dst_node_id) for m in messages]
+        self._sent["evaluate"] = messages
         return messages
 
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
@@ -251,7 +304,7 @@ class ZkFedAvg(_ZkStrategyMixin, FedAvg):
 
 
 class ZkFedProx(_ZkStrategyMixin, FedProx):
-    """FedProx (sends ``proximal-mu``; clients add the proximal term), with the mixin's additions."""
+    """FedProx (sends each round's scheduled ``proximal-mu``; clients add the proximal term)."""
 
 
 def make_strategy(
@@ -283,6 +336,7 @@ def make_strategy(
         "quorum": quorum,
         "max_update_norm_ratio": cfg.max_update_norm_ratio,
         "learning_rate_at": cfg.learning_rate_at,
+        "proximal_mu_at": cfg.proximal_mu_at,
         "clients": clients,
     }
     if cfg.strategy == "fedprox":

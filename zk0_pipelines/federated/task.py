@@ -145,6 +145,7 @@ class TrainResult:
     step_time_s: float
     client_update_norm: float
     lr: float = 0.0
+    proximal_mu: float = 0.0
     extra: dict[str, float] = field(default_factory=dict)
 
     def to_metrics(self) -> dict[str, float | int]:
@@ -158,6 +159,7 @@ class TrainResult:
             "step-time-s": self.step_time_s,
             "client-update-norm": self.client_update_norm,
             "lr": self.lr,
+            "proximal-mu": self.proximal_mu,
         }
 
 
@@ -182,13 +184,14 @@ def train_local(
     the loss before backward (``w_start`` = the weights at entry, i.e. the received global weights).
     ``num_examples`` is the number of frames in the client dataset (FedAvg's n_k weighting).
     """
-    named = {n: p for n, p in policy.named_parameters() if p.requires_grad}
-    if not named:
+    params = [p for p in policy.parameters() if p.requires_grad]
+    if not params:
         raise ValueError("policy has no trainable parameters")
-    start = {n: p.detach().clone() for n, p in named.items()}
+    start = [p.detach().clone() for p in params]
     optimizer = torch.optim.AdamW(
-        list(named.values()), lr=learning_rate, betas=(0.9, 0.95), eps=1e-8, weight_decay=weight_decay
+        params, lr=learning_rate, betas=(0.9, 0.95), eps=1e-8, weight_decay=weight_decay
     )
+    max_norm = grad_clip_norm if grad_clip_norm > 0 else math.inf
     generator = torch.Generator().manual_seed(seed)
     batches = _infinite_batches(dataset, batch_size, generator)
     losses, grad_norms, prox_terms, step_times, lrs = [], [], [], [], []
@@ -200,21 +203,26 @@ def train_local(
             t0 = time.perf_counter()
             batch = preprocessor(next(batches))
             loss, _ = policy.forward(batch)
-            if not torch.isfinite(loss):
-                raise FloatingPointError(f"non-finite training loss {loss.item()}")
-            prox = wire.proximal_term(named, start, proximal_mu) if proximal_mu > 0 else torch.zeros(())
-            (loss + prox).backward()
-            max_norm = grad_clip_norm if grad_clip_norm > 0 else math.inf
-            grad_norm = torch.nn.utils.clip_grad_norm_(list(named.values()), max_norm)
+            loss_value = float(loss.detach())
+            if not math.isfinite(loss_value):
+                raise FloatingPointError(f"non-finite training loss {loss_value}")
+            if proximal_mu > 0:  # fused FedProx term (two foreach kernels), added before backward
+                prox = wire.proximal_term_lists(params, start, proximal_mu)
+                (loss + prox).backward()
+                prox_terms.append(float(prox.detach()))
+            else:
+                loss.backward()
+                prox_terms.append(0.0)
+            grad_norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
             lrs.append(float(optimizer.param_groups[0]["lr"]))  # the rate this step is taken with
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             step_times.append(time.perf_counter() - t0)
-            losses.append(float(loss.detach()))
+            losses.append(loss_value)
             grad_norms.append(float(grad_norm))
-            prox_terms.append(float(prox.detach()))
             samples += int(batch["action"].shape[0])
-    drift = wire.l2_norm({n: p.detach() - start[n] for n, p in named.items()})
+    with torch.no_grad():
+        drift = wire.update_norm(params, start)
     return TrainResult(
         train_loss=float(np.mean(losses)),
         grad_norm=float(np.mean(grad_norms)),
@@ -224,36 +232,124 @@ def train_local(
         step_time_s=float(np.mean(step_times)),
         client_update_norm=drift,
         lr=float(np.mean(lrs)),
+        proximal_mu=float(proximal_mu),
     )
 
 
-@torch.no_grad()
-def evaluate_loss(
-    policy, preprocessor, dataset, *, batch_size: int, seed: int, max_batches: int = 0
-) -> tuple[float, int]:
-    """Seeded flow-matching loss of ``policy`` on ``dataset`` (fixed order, fixed noise and time).
+@dataclass
+class EvalResult:
+    """Seeded server/client evaluation of a policy on one dataset.
 
-    Frames are read in order; before batch ``i`` the torch RNG (forked, so the caller's is untouched) is
-    re-seeded with ``mixed_seed(seed, i)``, so SmolVLA's noise and time samples depend only on the seed and
-    the batch: the same weights give the same number. Returns ``(mean loss per sample, samples)``.
+    ``loss``: mean seeded flow-matching loss per sample (normalised space, what SmolVLA trains on).
+    ``action_mse``: mean squared error, in the dataset's raw action units, between the predicted action
+    chunk (un-normalised by the policy's postprocessor) and the dataset's action chunk, over the valid
+    (not ``action_is_pad``) chunk steps and all action dims; None when it was not computed.
+    ``samples``: frames evaluated; ``action_values``: valid (step, dim) entries the MSE averages over.
+    """
+
+    loss: float
+    samples: int
+    action_mse: float | None = None
+    action_values: int = 0
+
+
+def chunk_noise(shape: tuple[int, ...], seed: int, batch_index: int) -> torch.Tensor:
+    """The fixed flow-matching start noise for predicting the chunk of eval batch ``batch_index``."""
+    generator = torch.Generator().manual_seed(mixed_seed(seed, batch_index, 1))
+    return torch.randn(shape, generator=generator, dtype=torch.float32)
+
+
+def raw_action_squared_error(
+    predicted: torch.Tensor, target: torch.Tensor, is_pad: torch.Tensor | None
+) -> tuple[float, int]:
+    """``(sum of squared errors, number of entries)`` over the valid steps of ``(B, T, D)`` action chunks.
+
+    Steps flagged in ``is_pad`` (``(B, T)``, True = beyond the episode end, lerobot's ``action_is_pad``)
+    are left out: their target is a copy of the episode's last action, not a real one.
+    """
+    if predicted.shape != target.shape:
+        raise ValueError(f"predicted chunk {tuple(predicted.shape)} != target chunk {tuple(target.shape)}")
+    squared = (predicted.double() - target.double()) ** 2
+    valid = torch.ones(squared.shape[:2], dtype=torch.bool) if is_pad is None else ~is_pad.bool().cpu()
+    return float(squared[valid].sum()), int(valid.sum()) * int(squared.shape[-1])
+
+
+def predict_raw_chunk(policy, postprocessor, batch: dict[str, Any], noise: torch.Tensor) -> torch.Tensor:
+    """SmolVLA's action chunk for a preprocessed batch, un-normalised to raw units (CPU, float32).
+
+    ``predict_action_chunk`` with the given start ``noise`` (so the chunk is deterministic), then the
+    policy's postprocessor: the same un-normaliser lerobot applies at inference.
+    """
+    state = batch.get("observation.state")
+    device = state.device if isinstance(state, torch.Tensor) else torch.device("cpu")
+    normalised = policy.predict_action_chunk(dict(batch), noise=noise.to(device))
+    return postprocessor(normalised).detach().to("cpu", torch.float32)
+
+
+@torch.no_grad()
+def evaluate_policy(
+    policy,
+    preprocessor,
+    dataset,
+    *,
+    batch_size: int,
+    seed: int,
+    max_batches: int = 0,
+    postprocessor=None,
+) -> EvalResult:
+    """Seeded loss and (with ``postprocessor``) raw-unit action-chunk MSE of ``policy`` on ``dataset``.
+
+    Frames are read in order, at most ``max_batches`` batches (0 = all). Loss: before batch ``i`` the
+    torch RNG (forked, so the caller's is untouched) is re-seeded with ``mixed_seed(seed, i)``, so
+    SmolVLA's noise and time samples depend only on the seed and the batch. Action MSE: the chunk is
+    predicted from the fixed noise :func:`chunk_noise` ``(seed, i)``, un-normalised by ``postprocessor``
+    and compared with the dataset's raw action chunk (padded steps excluded). The same weights give the
+    same numbers.
     """
     loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=0)
     was_training = policy.training
     policy.eval()
     total, count = 0.0, 0
+    squared_sum, values = 0.0, 0
     try:
         with torch.random.fork_rng(devices=[]):
             for index, raw in enumerate(loader):
                 if max_batches and index >= max_batches:
                     break
+                target = raw["action"].detach().clone().to(torch.float32)  # raw units, before normalising
+                is_pad = raw.get("action_is_pad")
+                is_pad = is_pad.detach().clone() if is_pad is not None else None
                 torch.manual_seed(mixed_seed(seed, index))
                 batch = preprocessor(raw)
-                loss, _ = policy.forward(batch)
+                loss, _ = policy.forward(dict(batch))
                 n = int(batch["action"].shape[0])
                 total += float(loss) * n
                 count += n
+                if postprocessor is not None:
+                    cfg = policy.config
+                    noise = chunk_noise((n, cfg.chunk_size, cfg.max_action_dim), seed, index)
+                    predicted = predict_raw_chunk(policy, postprocessor, batch, noise)
+                    sq, k = raw_action_squared_error(predicted, target, is_pad)
+                    squared_sum += sq
+                    values += k
     finally:
         policy.train(was_training)
     if count == 0:
         raise ValueError("evaluation dataset yielded no samples")
-    return total / count, count
+    if postprocessor is not None and values == 0:
+        raise ValueError("evaluation dataset yielded no valid (unpadded) action steps")
+    action_mse = squared_sum / values if postprocessor is not None else None
+    return EvalResult(loss=total / count, samples=count, action_mse=action_mse, action_values=values)
+
+
+def evaluate_loss(
+    policy, preprocessor, dataset, *, batch_size: int, seed: int, max_batches: int = 0
+) -> tuple[float, int]:
+    """Seeded flow-matching loss of ``policy`` on ``dataset`` (:func:`evaluate_policy` without the MSE).
+
+    Returns ``(mean loss per sample, samples)``.
+    """
+    result = evaluate_policy(
+        policy, preprocessor, dataset, batch_size=batch_size, seed=seed, max_batches=max_batches
+    )
+    return result.loss, result.samples

@@ -11,6 +11,10 @@ A reply is rejected (recorded with its reason, never aggregated) when:
 
 On the ``float32`` wire a reply carries weights (update = reply - global weights); on ``bfloat16`` it carries
 the update itself.
+
+Cost: the structural checks read only metadata and ``.npy`` headers and keep zero-copy views of the data;
+the update norms (hence NaN/Inf) come out of the aggregation's single fused pass over the data
+(``aggregate.fused_pass``), so validation adds no pass of its own.
 """
 
 from __future__ import annotations
@@ -18,7 +22,7 @@ from __future__ import annotations
 import math
 import statistics
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -31,10 +35,16 @@ EXPECTED_DTYPE = {"float32": ("float32", wire.NUMPY_STYPE), "bfloat16": ("bfloat
 
 @dataclass
 class ReplyCheck:
-    """Outcome of :func:`check_reply`: the update norm, or the rejection reason."""
+    """Outcome of the per-reply checks: the rejection reason, or the reply's zero-copy views and weight.
+
+    ``views`` maps tensor names to flat read-only views of the reply's arrays (``wire.array_view``);
+    ``norm`` is the update norm once known (:func:`check_norms`).
+    """
 
     reason: str | None
     norm: float | None = None
+    views: dict[str, torch.Tensor] = field(default_factory=dict)
+    weight: float = 0.0
 
     @property
     def ok(self) -> bool:
@@ -60,51 +70,66 @@ def check_weight(content: RecordDict, weighted_by_key: str) -> str | None:
     return None
 
 
-def check_arrays(record: ArrayRecord, reference: Mapping[str, torch.Tensor], wire_dtype: str) -> ReplyCheck:
-    """Check a reply's arrays against the global float32 ``reference`` state (module doc)."""
-    keys, expected = set(record), set(reference)
+def check_structure(
+    record: ArrayRecord, shapes: Mapping[str, tuple[int, ...]], wire_dtype: str
+) -> ReplyCheck:
+    """Key set, shapes, dtype/serialisation and payload length of a reply's arrays (no data is read).
+
+    ``shapes``: the global trainable state's tensor shapes. On success ``views`` holds zero-copy flat views.
+    """
+    keys, expected = set(record), set(shapes)
     if keys != expected:
         missing, unexpected = sorted(expected - keys), sorted(keys - expected)
         return ReplyCheck(f"wrong key set: missing {missing[:5]}, unexpected {unexpected[:5]}")
     want_dtype, want_stype = EXPECTED_DTYPE[wire_dtype]
-    squares = 0.0
+    views: dict[str, torch.Tensor] = {}
     for name in sorted(keys):
         array = record[name]
-        if tuple(array.shape) != tuple(reference[name].shape):
-            return ReplyCheck(
-                f"wrong shape for '{name}': {tuple(array.shape)} != {tuple(reference[name].shape)}"
-            )
+        if tuple(array.shape) != tuple(shapes[name]):
+            return ReplyCheck(f"wrong shape for '{name}': {tuple(array.shape)} != {tuple(shapes[name])}")
         if array.dtype != want_dtype or array.stype != want_stype:
             return ReplyCheck(
                 f"wrong dtype for '{name}': {array.dtype} ({array.stype}), expected {want_dtype} on the "
                 f"{wire_dtype} wire"
             )
         try:
-            tensor = wire.decode_array(name, array)
+            views[name] = wire.array_view(name, array)
         except (ValueError, RuntimeError) as exc:
             return ReplyCheck(f"undecodable array '{name}': {exc}")
-        if tensor.shape != reference[name].shape:
-            return ReplyCheck(f"wrong shape for '{name}' after decoding: {tuple(tensor.shape)}")
-        # one pass: the update's norm is non-finite iff a value is NaN/Inf (or it overflows float32)
-        update = tensor if wire_dtype == "bfloat16" else tensor.sub_(reference[name])
-        norm = float(torch.linalg.vector_norm(update))
-        if not math.isfinite(norm):
-            what = "NaN/Inf values" if not bool(torch.isfinite(update).all()) else "an overflowing update"
+    return ReplyCheck(None, views=views)
+
+
+def check_norms(check: ReplyCheck, squared: Mapping[str, float]) -> ReplyCheck:
+    """Turn the per-tensor squared update norms of a structurally valid reply into its norm or a rejection.
+
+    The update's norm is non-finite iff a value is NaN/Inf or the squares overflow float32.
+    """
+    for name in sorted(squared):
+        if not math.isfinite(squared[name]):
+            finite = bool(torch.isfinite(check.views[name]).all())
+            what = "an overflowing update" if finite else "NaN/Inf values"
             return ReplyCheck(f"non-finite update: {what} in '{name}'")
-        squares += norm * norm
-    return ReplyCheck(None, norm=math.sqrt(squares))
+    return ReplyCheck(
+        None, norm=math.sqrt(math.fsum(squared.values())), views=check.views, weight=check.weight
+    )
 
 
 def check_reply(
-    content: RecordDict, reference: Mapping[str, torch.Tensor], wire_dtype: str, weighted_by_key: str
+    content: RecordDict, shapes: Mapping[str, tuple[int, ...]], wire_dtype: str, weighted_by_key: str
 ) -> ReplyCheck:
-    """All per-reply checks of one reply's content (weight, then arrays)."""
+    """The per-reply checks that need no data pass: one ArrayRecord, the FedAvg weight, then the arrays.
+
+    The update norm (hence NaN/Inf) is checked afterwards, from the aggregation pass (:func:`check_norms`).
+    """
     record = _single_array_record(content)
     if isinstance(record, str):
         return ReplyCheck(record)
     if (problem := check_weight(content, weighted_by_key)) is not None:
         return ReplyCheck(problem)
-    return check_arrays(record, reference, wire_dtype)
+    check = check_structure(record, shapes, wire_dtype)
+    if check.ok:
+        check.weight = float(next(iter(content.metric_records.values()))[weighted_by_key])
+    return check
 
 
 def norm_outliers(norms: Mapping[int, float], ratio: float) -> dict[int, str]:

@@ -12,8 +12,11 @@ Wire formats (``wire-dtype``):
 
 from __future__ import annotations
 
+import functools
+import io
 import json
 import math
+import warnings
 from collections.abc import Mapping
 
 import numpy as np
@@ -21,6 +24,10 @@ import torch
 from flwr.app import Array, ArrayRecord
 
 BF16_STYPE = "zk0.torch.bfloat16.raw"
+
+# array_view wraps immutable ``bytes`` (read-only by construction, never written through): torch's warning
+# about non-writable buffers is expected there and only there.
+warnings.filterwarnings("ignore", message="The given buffer is not writable", module=__name__)
 NUMPY_STYPE = "numpy.ndarray"
 
 
@@ -39,17 +46,81 @@ def encode_state(state: Mapping[str, torch.Tensor], wire_dtype: str = "float32")
     return ArrayRecord(arrays)
 
 
-def decode_array(name: str, array: Array) -> torch.Tensor:
-    """Decode one ``Array`` (numpy float or raw bf16) to a float32 tensor."""
+def _npy_layout(name: str, data: bytes) -> tuple[np.dtype, tuple[int, ...], int]:
+    """``(dtype, shape, data offset)`` of an ``.npy`` payload, read from its header only (no data copied)."""
+    view = memoryview(data)
+    if len(view) < 10 or bytes(view[:6]) != b"\x93NUMPY":
+        raise ValueError(f"array '{name}' is not an .npy payload")
+    major = view[6]
+    if major not in (1, 2, 3):
+        raise ValueError(f"array '{name}' has an unsupported .npy version {major}")
+    size_bytes = 2 if major == 1 else 4
+    header_len = int.from_bytes(view[8 : 8 + size_bytes], "little")
+    offset = 8 + size_bytes + header_len
+    dtype, shape, fortran_order = _parse_npy_header(bytes(view[:offset]))
+    if fortran_order and len(shape) > 1:
+        raise ValueError(f"array '{name}' is Fortran-ordered")
+    return dtype, shape, offset
+
+
+@functools.lru_cache(maxsize=4096)
+def _parse_npy_header(header: bytes) -> tuple[np.dtype, tuple[int, ...], bool]:
+    """numpy's own (safe) header parser, cached: every round repeats the same few headers."""
+    fp = io.BytesIO(header)
+    version = np.lib.format.read_magic(fp)
+    read = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+    shape, fortran_order, dtype = read(fp)
+    return np.dtype(dtype), tuple(int(d) for d in shape), bool(fortran_order)
+
+
+def array_view(name: str, array: Array) -> torch.Tensor:
+    """Zero-copy, read-only flat view of an ``Array``'s data: float32 (numpy wire) or bfloat16 (raw bf16).
+
+    The tensor shares memory with ``array.data`` (immutable ``bytes``): never write to it. Raises
+    ``ValueError`` when the payload is not float32/bf16 or its length does not match its declared shape.
+    """
     if array.stype == BF16_STYPE:
-        flat = torch.frombuffer(bytearray(array.data), dtype=torch.bfloat16)
-        return flat.reshape(tuple(array.shape)).to(torch.float32)
+        dtype, count, offset, width = torch.bfloat16, math.prod(array.shape), 0, 2
+    elif array.stype == NUMPY_STYPE:
+        np_dtype, shape, offset = _npy_layout(name, array.data)
+        if np_dtype != np.dtype("<f4"):
+            raise ValueError(f"array '{name}' on the wire has dtype {np_dtype}, expected float32")
+        if shape != tuple(array.shape):
+            raise ValueError(
+                f"array '{name}': .npy header shape {shape} != declared shape {tuple(array.shape)}"
+            )
+        dtype, count, width = torch.float32, math.prod(shape), 4
+    else:
+        raise ValueError(f"array '{name}' has unsupported serialization type {array.stype!r}")
+    if len(array.data) != offset + width * count:
+        raise ValueError(
+            f"array '{name}' holds {len(array.data) - offset} data bytes, expected {width * count}"
+        )
+    if count == 0:
+        return torch.empty(0, dtype=dtype)
+    return torch.frombuffer(array.data, dtype=dtype, count=count, offset=offset)
+
+
+def decode_array(name: str, array: Array) -> torch.Tensor:
+    """Decode one ``Array`` (numpy float or raw bf16) to a float32 tensor (a private copy)."""
+    if array.stype == BF16_STYPE:
+        return array_view(name, array).reshape(tuple(array.shape)).to(torch.float32)
     if array.stype == NUMPY_STYPE:
+        np_dtype, shape, _ = _npy_layout(name, array.data)
+        if np_dtype == np.dtype("<f4"):
+            return array_view(name, array).clone().reshape(shape)
         values = array.numpy()
         if not np.issubdtype(values.dtype, np.floating):
             raise ValueError(f"array '{name}' on the wire has dtype {values.dtype}, expected a float dtype")
         return torch.from_numpy(np.array(values, dtype=np.float32, copy=True))
     raise ValueError(f"array '{name}' has unsupported serialization type {array.stype!r}")
+
+
+def npy_header(shape: tuple[int, ...]) -> bytes:
+    """The ``.npy`` (version 1.0) header ``numpy.save`` writes for a C-ordered float32 array of ``shape``."""
+    fp = io.BytesIO()
+    np.lib.format.write_array_header_1_0(fp, {"descr": "<f4", "fortran_order": False, "shape": tuple(shape)})
+    return fp.getvalue()
 
 
 def decode_state(record: ArrayRecord) -> dict[str, torch.Tensor]:
@@ -98,16 +169,34 @@ def weighted_mean(states: list[Mapping[str, torch.Tensor]], weights: list[float]
 def proximal_term(
     params: Mapping[str, torch.Tensor], global_params: Mapping[str, torch.Tensor], mu: float
 ) -> torch.Tensor:
-    """FedProx proximal term ``(mu / 2) * ||w - w_global||^2`` over trainable parameters (differentiable)."""
+    """FedProx proximal term ``(mu / 2) * ||w - w_global||^2`` over trainable parameters (differentiable).
+
+    Fused: one ``_foreach_sub`` and one ``_foreach_norm`` over all tensors (autograd-aware), not a Python
+    loop of per-tensor kernels.
+    """
     missing = set(params) ^ set(global_params)
     if missing:
         raise ValueError(f"proximal term: parameter names differ: {sorted(missing)[:10]}")
     if not params:
         return torch.zeros(())
-    sq = sum(
-        (params[k] - global_params[k].to(params[k].device, params[k].dtype)).pow(2).sum() for k in params
-    )
-    return 0.5 * float(mu) * sq
+    names = sorted(params)
+    current = [params[k] for k in names]
+    anchor = [global_params[k].to(params[k].device, params[k].dtype) for k in names]
+    return proximal_term_lists(current, anchor, mu)
+
+
+def proximal_term_lists(current: list[torch.Tensor], anchor: list[torch.Tensor], mu: float) -> torch.Tensor:
+    """:func:`proximal_term` over two aligned, non-empty tensor lists (``anchor`` detached)."""
+    norms = torch._foreach_norm(torch._foreach_sub(current, anchor))
+    return 0.5 * float(mu) * torch.stack(norms).square().sum()
+
+
+def update_norm(current: list[torch.Tensor], start: list[torch.Tensor]) -> float:
+    """Global L2 norm of ``current - start`` over aligned tensor lists (fused kernels, float64 sums)."""
+    if not current:
+        return 0.0
+    norms = torch._foreach_norm(torch._foreach_sub(current, start), 2, dtype=torch.float64)
+    return float(torch.linalg.vector_norm(torch.stack(norms)))
 
 
 # --- normalisation statistics ---------------------------------------------------------------------------

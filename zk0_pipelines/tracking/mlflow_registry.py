@@ -19,6 +19,7 @@ import math
 import os
 import re
 import subprocess
+import threading
 import time
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager, suppress
@@ -35,7 +36,14 @@ log = logging.getLogger(__name__)
 CHALLENGER = "challenger"
 CHAMPION = "champion"
 EVAL_LOSS_TAG = "eval_loss"
-PromoteRule = Literal["lower_eval_loss", "always", "never"]
+ACTION_MSE_TAG = "action_mse"
+PromoteRule = Literal["lower_eval_loss", "lower_action_mse", "always", "never"]
+PROMOTE_RULES: tuple[str, ...] = ("lower_eval_loss", "lower_action_mse", "always", "never")
+#: the server-evaluation metric each rule compares (``always``/``never`` report the eval loss)
+RULE_METRIC = {"lower_eval_loss": EVAL_LOSS_TAG, "lower_action_mse": ACTION_MSE_TAG}
+DEFAULT_BUSY_TIMEOUT_S = 20.0
+#: MLflow's SQLAlchemy store sets this per session on sqlite; ``busy_timeout_s`` rewrites it
+_MLFLOW_BUSY_PRAGMA = re.compile(r"^\s*PRAGMA\s+busy_timeout\s*=\s*\d+\s*;?\s*$", re.IGNORECASE)
 
 MAX_PARAM_VALUE_LEN = 500
 MAX_KEY_LEN = 250
@@ -82,6 +90,7 @@ class ModelVersionInfo:
     champion_eval_loss: float | None
     decision: str
     source: str = ""
+    champion_action_mse: float | None = None
     run_id: str = ""
     tags: dict[str, str] = field(default_factory=dict)
 
@@ -93,6 +102,7 @@ class ModelVersionInfo:
             "aliases": list(self.aliases),
             "promoted": self.promoted,
             "champion_eval_loss": self.champion_eval_loss,
+            "champion_action_mse": self.champion_action_mse,
             "decision": self.decision,
             "source": self.source,
             "run_id": self.run_id,
@@ -102,6 +112,13 @@ class ModelVersionInfo:
 # ------------------------------------------------------------------------------------------------
 # Defaults and lineage helpers
 # ------------------------------------------------------------------------------------------------
+def promotion_metric(rule: str) -> str:
+    """The metric a promotion rule compares: ``action_mse`` for ``lower_action_mse``, else ``eval_loss``."""
+    if rule not in PROMOTE_RULES:
+        raise ValueError(f"promote_rule must be one of {'|'.join(PROMOTE_RULES)}, got {rule!r}")
+    return RULE_METRIC.get(rule, EVAL_LOSS_TAG)
+
+
 def default_store_dir() -> Path:
     """``<repo>/.zk0/mlflow``: the project's local MLflow store."""
     return state_dir() / "mlflow"
@@ -275,6 +292,76 @@ def _is_unavailable(exc: BaseException) -> bool:
     return False
 
 
+# sqlite busy timeout: MLflow's SQLAlchemy store runs ``PRAGMA busy_timeout = 20000`` in every session
+# (a locked store blocks each call for 20 s). For the sqlite files in _BUSY_TIMEOUT_MS that statement is
+# rewritten to the configured value, and new connections get it too (MLflow's schema checks run outside
+# sessions). Process-wide, like MLflow's own engine cache, keyed by the resolved database file.
+_BUSY_TIMEOUT_MS: dict[str, int] = {}
+_BUSY_HOOKS: list[bool] = []
+_BUSY_LOCK = threading.Lock()
+
+
+def busy_timeout_seconds(given: float | None = None) -> float:
+    """The sqlite busy timeout: ``given``, else env ``ZK0_MLFLOW_BUSY_TIMEOUT_S``, else MLflow's 20 s."""
+    if given is None:
+        raw = os.environ.get("ZK0_MLFLOW_BUSY_TIMEOUT_S", "").strip()
+        try:
+            given = float(raw) if raw else DEFAULT_BUSY_TIMEOUT_S
+        except ValueError as exc:
+            raise ValueError(f"ZK0_MLFLOW_BUSY_TIMEOUT_S must be a number of seconds, got {raw!r}") from exc
+    if not math.isfinite(given) or given < 0:
+        raise ValueError(f"sqlite busy timeout must be >= 0 seconds, got {given!r}")
+    return float(given)
+
+
+def _sqlite_file(uri: str) -> str | None:
+    if not uri.startswith("sqlite:///"):
+        return None
+    path = uri.removeprefix("sqlite:///").split("?", 1)[0]
+    return str(Path(path).resolve()) if path and path != ":memory:" else None
+
+
+def _set_busy_timeout(uri: str, seconds: float) -> None:
+    """Apply ``seconds`` as the busy timeout of every connection MLflow opens to the sqlite store ``uri``."""
+    path = _sqlite_file(uri)
+    ms = int(round(seconds * 1000))
+    if path is None or (not _BUSY_HOOKS and ms == int(DEFAULT_BUSY_TIMEOUT_S * 1000)):
+        return  # MLflow's own behaviour until some store asks for another timeout
+    with _BUSY_LOCK:
+        _BUSY_TIMEOUT_MS[path] = ms
+        if not _BUSY_HOOKS:
+            _install_busy_hooks()
+            _BUSY_HOOKS.append(True)
+
+
+def _install_busy_hooks() -> None:
+    """SQLAlchemy hooks (all engines) that apply ``_BUSY_TIMEOUT_MS`` to the sqlite files listed there."""
+    import sqlite3
+
+    from sqlalchemy import event
+    from sqlalchemy.engine import Engine
+
+    def on_connect(dbapi_connection, _record) -> None:
+        if not isinstance(dbapi_connection, sqlite3.Connection):
+            return
+        rows = dbapi_connection.execute("PRAGMA database_list").fetchall()
+        main = next((row[2] for row in rows if row[1] == "main"), "")
+        ms = _BUSY_TIMEOUT_MS.get(str(Path(main).resolve())) if main else None
+        if ms is not None:
+            dbapi_connection.execute(f"PRAGMA busy_timeout = {ms}")
+
+    def before_cursor_execute(conn, _cursor, statement, parameters, _context, _executemany):
+        if _MLFLOW_BUSY_PRAGMA.match(statement) and conn.engine.url.get_backend_name() == "sqlite":
+            database = conn.engine.url.database
+            ms = _BUSY_TIMEOUT_MS.get(str(Path(database).resolve())) if database else None
+            if ms is not None:
+                statement = f"PRAGMA busy_timeout = {ms};"
+        return statement, parameters
+
+    event.listen(Engine, "connect", on_connect)
+    event.listen(Engine, "before_cursor_execute", before_cursor_execute, retval=True)
+
+
 def _scrub_obj(value: Any) -> Any:
     """JSON-ready copy of ``value`` with credential-named keys dropped and credential values masked."""
     if isinstance(value, Mapping):
@@ -311,10 +398,16 @@ class ModelRegistry:
         experiment: str = "zk0-federated",
         registry_uri: str | None = None,
         artifact_location: str | Path | None = None,
+        busy_timeout_s: float | None = None,
     ):
+        """Bind to a store; ``busy_timeout_s`` (sqlite only, default env ``ZK0_MLFLOW_BUSY_TIMEOUT_S`` or
+        20 s) is how long a call waits for a locked database before MlflowStoreUnavailable."""
         os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
         self.tracking_uri = tracking_uri or default_tracking_uri()
         self.registry_uri = registry_uri or self.tracking_uri
+        self.busy_timeout_s = busy_timeout_seconds(busy_timeout_s)
+        for uri in {self.tracking_uri, self.registry_uri}:
+            _set_busy_timeout(uri, self.busy_timeout_s)
         self.experiment_name = experiment
         self.artifact_location = self._artifact_location(artifact_location)
         self._client = None
@@ -543,17 +636,20 @@ class ModelRegistry:
         tags: Mapping[str, Any] | None = None,
         eval_loss: float | None = None,
         promote_rule: PromoteRule = "lower_eval_loss",
+        action_mse: float | None = None,
     ) -> ModelVersionInfo:
         """Register ``runs/<run_id>/<artifact_path>`` as a new version of ``model_name``.
 
         The new version gets alias ``challenger``. It also becomes ``champion`` when ``promote_rule``
-        is ``"always"``, or ``"lower_eval_loss"`` and there is no champion or ``eval_loss`` is strictly
-        below the champion's ``eval_loss`` tag. The decision and both losses are stored as version tags
-        (``zk0.promotion.decision``, ``zk0.promotion.champion_eval_loss``, ``eval_loss``).
+        is ``"always"``, or ``"lower_eval_loss"`` (``"lower_action_mse"``) and there is no champion or
+        ``eval_loss`` (``action_mse``, the raw-unit action-chunk MSE) is strictly below the champion's
+        tag of the same name. The decision and the numbers are stored as version tags
+        (``zk0.promotion.decision``, ``zk0.promotion.metric``, ``zk0.promotion.champion_eval_loss``,
+        ``zk0.promotion.champion_action_mse``, ``eval_loss``, ``action_mse``).
         """
-        if promote_rule not in ("lower_eval_loss", "always", "never"):
-            raise ValueError(f"promote_rule must be lower_eval_loss|always|never, got {promote_rule!r}")
+        metric = promotion_metric(promote_rule)
         loss = float(eval_loss) if eval_loss is not None else None
+        mse = float(action_mse) if action_mse is not None else None
         flat_tags = {str(k): _as_text(v) for k, v in _flatten(dict(tags or {})).items()}
         kept_tags, dropped = scrub_mapping(flat_tags)
         version_tags = {
@@ -562,6 +658,7 @@ class ModelRegistry:
         if dropped:
             version_tags["zk0.withheld_keys"] = ",".join(scrub(k) for k in dropped)
         version_tags[EVAL_LOSS_TAG] = repr(loss) if loss is not None else "none"
+        version_tags[ACTION_MSE_TAG] = repr(mse) if mse is not None else "none"
 
         with self._guard():
             run = self.client.get_run(run_id)
@@ -573,13 +670,17 @@ class ModelRegistry:
             self._ensure_registered_model(model_name)
 
             current = self.champion(model_name)
-            champ_loss = _tag_float(current.tags.get(EVAL_LOSS_TAG)) if current is not None else None
-            promoted, decision = _decide(promote_rule, loss, current, champ_loss)
+            champ = {
+                key: _tag_float(current.tags.get(key)) if current is not None else None
+                for key in (EVAL_LOSS_TAG, ACTION_MSE_TAG)
+            }
+            new = {EVAL_LOSS_TAG: loss, ACTION_MSE_TAG: mse}
+            promoted, decision = _decide(promote_rule, metric, new[metric], current, champ[metric])
             version_tags["zk0.promotion.rule"] = promote_rule
+            version_tags["zk0.promotion.metric"] = metric
             version_tags["zk0.promotion.decision"] = decision
-            version_tags["zk0.promotion.champion_eval_loss"] = (
-                repr(champ_loss) if champ_loss is not None else "none"
-            )
+            for key, value in champ.items():
+                version_tags[f"zk0.promotion.champion_{key}"] = repr(value) if value is not None else "none"
             if current is not None:
                 version_tags["zk0.promotion.champion_version"] = str(current.version)
 
@@ -594,7 +695,8 @@ class ModelRegistry:
             version=str(mv.version),
             aliases=sorted(final.aliases or []),
             promoted=promoted,
-            champion_eval_loss=champ_loss,
+            champion_eval_loss=champ[EVAL_LOSS_TAG],
+            champion_action_mse=champ[ACTION_MSE_TAG],
             decision=decision,
             source=source,
             run_id=run_id,
@@ -628,17 +730,23 @@ def _tag_float(value: str | None) -> float | None:
     return out if math.isfinite(out) else None
 
 
-def _decide(rule: str, loss: float | None, current, champ_loss: float | None) -> tuple[bool, str]:
+def _decide(
+    rule: str, metric: str, value: float | None, current, champ_value: float | None
+) -> tuple[bool, str]:
+    """Promotion decision for ``rule``; ``metric`` names the compared value (``eval_loss``/``action_mse``)."""
     if rule == "always":
         return True, "promoted: rule=always"
     if rule == "never":
         return False, "kept as challenger: rule=never"
-    if loss is None or not math.isfinite(loss):
-        return False, f"kept as challenger: eval_loss is {loss!r}"
+    if value is None or not math.isfinite(value):
+        return False, f"kept as challenger: {metric} is {value!r}"
     if current is None:
-        return True, f"promoted: no champion yet (eval_loss={loss:.6g})"
-    if champ_loss is None:
-        return True, f"promoted: champion v{current.version} has no recorded eval_loss (eval_loss={loss:.6g})"
-    if loss < champ_loss:
-        return True, f"promoted: eval_loss {loss:.6g} < champion v{current.version} {champ_loss:.6g}"
-    return False, f"kept as challenger: eval_loss {loss:.6g} >= champion v{current.version} {champ_loss:.6g}"
+        return True, f"promoted: no champion yet ({metric}={value:.6g})"
+    if champ_value is None:
+        return True, f"promoted: champion v{current.version} has no recorded {metric} ({metric}={value:.6g})"
+    if value < champ_value:
+        return True, f"promoted: {metric} {value:.6g} < champion v{current.version} {champ_value:.6g}"
+    return (
+        False,
+        f"kept as challenger: {metric} {value:.6g} >= champion v{current.version} {champ_value:.6g}",
+    )
