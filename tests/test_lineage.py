@@ -8,6 +8,7 @@ the store was unreachable.
 from __future__ import annotations
 
 import json
+import math
 import os
 import signal
 import socket
@@ -173,6 +174,11 @@ def test_demo_lineage_registers_a_version_tagged_with_the_dvc_md5(demo_run: Demo
     )
     history = client.get_metric_history(registered["run_id"], "eval_loss")
     assert sorted(m.step for m in history) == [0, 1, 2]  # round 0: the initial global model
+    mse = client.get_metric_history(registered["run_id"], "eval_action_mse")
+    assert sorted(m.step for m in mse) == [0, 1, 2]
+    assert all(math.isfinite(m.value) and m.value > 0 for m in mse)
+    # the version's tag is the final round's server-side action MSE
+    assert float(version.tags["action_mse"]) == pytest.approx({m.step: m.value for m in mse}[2], rel=1e-6)
 
 
 def test_release_folder_loads_in_lerobot_and_acts(demo_run: DemoRun) -> None:

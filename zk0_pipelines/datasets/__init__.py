@@ -6,8 +6,7 @@ do not pay for pandas, pydantic or LeRobot imports.
 
 from __future__ import annotations
 
-import importlib
-from typing import Any
+from zk0_pipelines._lazy import lazy_exports
 
 _EXPORTS = {
     "SO100_JOINTS": "so100",
@@ -32,13 +31,4 @@ _EXPORTS = {
 
 __all__ = sorted(_EXPORTS)
 
-
-def __getattr__(name: str) -> Any:
-    module = _EXPORTS.get(name)
-    if module is None:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    return getattr(importlib.import_module(f"{__name__}.{module}"), name)
-
-
-def __dir__() -> list[str]:
-    return sorted(set(globals()) | set(__all__))
+__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)

@@ -6,8 +6,7 @@ definitions) does not import torch, lerobot or flwr.
 
 from __future__ import annotations
 
-import importlib
-from typing import Any
+from zk0_pipelines._lazy import lazy_exports
 
 _EXPORTS = {
     "FederatedResult": "launcher",
@@ -21,13 +20,4 @@ _EXPORTS = {
 
 __all__ = sorted(_EXPORTS)
 
-
-def __getattr__(name: str) -> Any:
-    module = _EXPORTS.get(name)
-    if module is None:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    return getattr(importlib.import_module(f"{__name__}.{module}"), name)
-
-
-def __dir__() -> list[str]:
-    return sorted(set(globals()) | set(__all__))
+__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)

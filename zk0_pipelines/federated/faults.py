@@ -9,7 +9,8 @@ round. Kinds, applied by the ClientApp's train handler of that simulation partit
 - ``stall``: the client sleeps ``min(round-timeout-s, 600)`` seconds before training (a round that stays
   in progress, e.g. to kill a run mid-round).
 
-Example: ``inject-faults = "raise:1@2,nan:0@*"``. Deployment clients (no partition id) are never matched.
+Example: ``inject-faults = "raise:1@2,nan:0@*"``. Deployment clients started without a partition id are
+never matched (the local deployment mode passes one per SuperNode, so its tests can inject faults).
 """
 
 from __future__ import annotations

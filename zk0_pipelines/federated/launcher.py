@@ -629,7 +629,17 @@ def run_federated(
         run_id=run_id,
         timings=timings,
         extra={
-            **{k: metrics.get(k) for k in ("norm-stats", "policy", "best-round", "best-eval-loss")},
+            **{
+                k: metrics.get(k)
+                for k in (
+                    "norm-stats",
+                    "policy",
+                    "best-round",
+                    "best-eval-loss",
+                    "best-action-mse-round",
+                    "best-action-mse",
+                )
+            },
             "launch-id": sim.launch_id,
             "federation": federation,
             "reaped-launches": [r["launch-id"] for r in reaped],
