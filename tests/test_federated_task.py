@@ -6,19 +6,11 @@ import json
 
 import pytest
 import torch
-from _fixtures_federated import TINY_CONFIG, InProcessGrid, make_datasets
+from _fixtures_federated import TINY_CONFIG, InProcessGrid, make_datasets, one_torch_thread  # noqa: F401
 
 from zk0_pipelines.federated import recorder as rec
 from zk0_pipelines.federated import task, wire
 from zk0_pipelines.federated.run_config import parse_run_config
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)  # OpenMP spin-waiting on a busy 2-core machine slows steps 10x
-    yield
-    torch.set_num_threads(previous)
 
 
 @pytest.fixture(scope="module")

@@ -48,11 +48,9 @@ def test_float32_wire_is_exact_and_bfloat16_halves_the_bytes():
         wire.encode_state(state, "int8")
 
 
-def test_weighted_mean_and_norms():
+def test_norm_of_a_state_difference():
     a = {"p": torch.tensor([1.0, 1.0])}
     b = {"p": torch.tensor([4.0, 5.0])}
-    mean = wire.weighted_mean([a, b], [1.0, 2.0])
-    assert torch.allclose(mean["p"], torch.tensor([3.0, 11.0 / 3.0]))
     assert wire.l2_norm(wire.sub_state(b, a)) == pytest.approx(5.0)
 
 

@@ -146,26 +146,6 @@ def l2_norm(state: Mapping[str, torch.Tensor]) -> float:
     return math.sqrt(total)
 
 
-def weighted_mean(states: list[Mapping[str, torch.Tensor]], weights: list[float]) -> dict[str, torch.Tensor]:
-    """Weighted mean of states with the same keys (weights normalised here), accumulated in float64."""
-    if not states or len(states) != len(weights):
-        raise ValueError("need one weight per state and at least one state")
-    total = float(sum(weights))
-    if total <= 0:
-        raise ValueError(f"weights must sum to > 0, got {weights}")
-    keys = set(states[0])
-    out: dict[str, torch.Tensor] = {}
-    for state in states[1:]:
-        if set(state) != keys:
-            raise ValueError(f"state key sets differ: {sorted(set(state) ^ keys)[:10]}")
-    for key in sorted(keys):
-        acc = torch.zeros_like(states[0][key], dtype=torch.float64)
-        for state, weight in zip(states, weights, strict=True):
-            acc += state[key].to(torch.float64) * (weight / total)
-        out[key] = acc.to(torch.float32)
-    return out
-
-
 def proximal_term(
     params: Mapping[str, torch.Tensor], global_params: Mapping[str, torch.Tensor], mu: float
 ) -> torch.Tensor:
