@@ -165,6 +165,14 @@ def make_project(base: Path) -> Project:
     return Project(root, dagster_home, registry, drop, env)
 
 
+def _child_setup() -> None:
+    """In the ``dagster dev`` child before exec: default SIGINT, and the normal time-sharing scheduler even if
+    pytest was made real-time (tests/conftest.py ``reset_realtime_scheduling``)."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+    with contextlib.suppress(AttributeError, OSError):
+        os.sched_setscheduler(0, os.SCHED_OTHER, os.sched_param(0))
+
+
 def wait_for[T](what: str, probe: Callable[[], T | None], timeout_s: float, interval_s: float = 2.0) -> T:
     """Call ``probe`` until it returns something truthy; fail naming ``what`` after ``timeout_s``."""
     deadline = time.monotonic() + timeout_s
@@ -213,7 +221,7 @@ class DagsterDev:
             stderr=subprocess.STDOUT,
             stdin=subprocess.DEVNULL,
             start_new_session=True,
-            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
+            preexec_fn=_child_setup,
         )
 
     def log_tail(self, chars: int = 4000) -> str:

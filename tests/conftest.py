@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import warnings
 from collections.abc import Iterator
 
 import pytest
@@ -27,3 +28,31 @@ def _no_leaked_dagster_state_storage() -> Iterator[None]:
 
     with set_defs_state_storage(None):
         yield
+
+
+_NORMAL_POLICIES = {getattr(os, n) for n in ("SCHED_OTHER", "SCHED_BATCH", "SCHED_IDLE") if hasattr(os, n)}
+
+
+def reset_realtime_scheduling() -> bool:
+    """Put this thread back on the normal time-sharing policy if something made it real-time.
+
+    Seen once on a CI machine: the pytest process had been switched to SCHED_FIFO priority 99 mid-run (not by
+    this project). Everything it starts inherits that, so a browser renderer busy at 100 % real-time starved
+    the Flower clients of a Dagster run for good. Returns True when the policy was reset.
+    """
+    if not hasattr(os, "sched_getscheduler"):
+        return False
+    try:
+        if os.sched_getscheduler(0) in _NORMAL_POLICIES:
+            return False
+        os.sched_setscheduler(0, os.SCHED_OTHER, os.sched_param(0))
+    except OSError:
+        return False
+    return True
+
+
+@pytest.fixture(autouse=True)
+def _normal_scheduling() -> None:
+    """Each test (and what it starts) runs under SCHED_OTHER: see :func:`reset_realtime_scheduling`."""
+    if reset_realtime_scheduling():
+        warnings.warn("pytest ran under a real-time scheduling policy; reset to SCHED_OTHER", stacklevel=1)
