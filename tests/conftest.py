@@ -18,11 +18,13 @@ os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 def _no_leaked_dagster_state_storage() -> Iterator[None]:
     """Each test starts and ends with no current Dagster definitions-state storage.
 
-    Entering a DagsterInstance sets a context-wide "current" state storage. A sensor/schedule context built
-    with resources and not used as a context manager enters them on an exit stack nobody closes, so the
-    storage of an instance that is later garbage collected stays current, and a later ``dg.materialize``
-    fails with "Attempted to resolve undefined DagsterInstance weakref" (seen in the full suite: depends on
-    test order and GC). Scoping it per test undoes such leaks whatever the test did.
+    Entering a DagsterInstance sets a context-wide "current" state storage (a ContextVar, reset by token on
+    exit). A schedule/sensor/asset context that is not used as a context manager opens an instance on an
+    exit stack nobody closes; when that is garbage collected later, in some other test, its token reset
+    puts back the storage that was current when it was opened, by then an instance long disposed, and the
+    next ``dg.materialize`` fails with "Attempted to resolve undefined DagsterInstance weakref" (seen in the
+    full suite). The tests therefore close every context they build (``with dg.build_*_context(...)``), and
+    this fixture scopes the storage per test as a second line.
     """
     from dagster._core.storage.defs_state.base import set_defs_state_storage
 

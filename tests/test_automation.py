@@ -6,6 +6,7 @@ import json
 import os
 import time
 from pathlib import Path
+from typing import Any
 
 import dagster as dg
 import pytest
@@ -65,8 +66,10 @@ def test_drop_folder_dataset_becomes_partition_and_ingest_run_once(
     workspace: Path, so100_source: Path
 ) -> None:
     _drop(so100_source, workspace)
-    with dg.instance_for_test() as instance:
-        ctx = dg.build_sensor_context(instance=instance, resources=_resources())
+    with (
+        dg.instance_for_test() as instance,
+        dg.build_sensor_context(instance=instance, resources=_resources()) as ctx,
+    ):
         result = new_so100_datasets(ctx)
         assert isinstance(result, dg.SensorResult)
         assert [r.partition_key for r in result.run_requests] == ["drop-lab_pick"]
@@ -78,9 +81,8 @@ def test_drop_folder_dataset_becomes_partition_and_ingest_run_once(
         assert entry.source.kind == "local" and entry.role == "train"
 
         # Second tick with the cursor: nothing again. A "restart" is a fresh context with the stored cursor.
-        again = new_so100_datasets(
-            dg.build_sensor_context(instance=instance, cursor=cursor, resources=_resources())
-        )
+        with dg.build_sensor_context(instance=instance, cursor=cursor, resources=_resources()) as restarted:
+            again = new_so100_datasets(restarted)
         assert isinstance(again, dg.SkipReason)
 
 
@@ -88,11 +90,13 @@ def test_half_copied_folder_is_not_ingested(workspace: Path, so100_source: Path)
     dest = _drop(so100_source, workspace)
     (dest / "meta" / "info.json").touch()  # still being written: newer than the settle window
     with dg.instance_for_test() as instance:
-        result = new_so100_datasets(dg.build_sensor_context(instance=instance, resources=_resources(30.0)))
+        with dg.build_sensor_context(instance=instance, resources=_resources(30.0)) as ctx:
+            result = new_so100_datasets(ctx)
         assert isinstance(result, dg.SkipReason)
         partial = workspace / ".zk0" / "drop" / "partial"
         (partial / "meta").mkdir(parents=True)  # no info.json at all
-        result = new_so100_datasets(dg.build_sensor_context(instance=instance, resources=_resources(0.0)))
+        with dg.build_sensor_context(instance=instance, resources=_resources(0.0)) as ctx:
+            result = new_so100_datasets(ctx)
         assert isinstance(result, dg.SensorResult)
         assert [r.partition_key for r in result.run_requests] == ["drop-lab_pick"]
 
@@ -103,17 +107,23 @@ def _admit(workspace: Path, dataset_id: str, role: str, revision: str) -> None:
     write_provenance(root, {"dataset_id": dataset_id, "role": role, "resolved_revision": revision})
 
 
+def _sense(sensor: Any, instance: dg.DagsterInstance, **kwargs: Any) -> Any:
+    """One sensor tick in a context that is closed afterwards."""
+    with dg.build_sensor_context(instance=instance, **kwargs) as ctx:
+        return sensor(ctx)
+
+
 def test_retraining_requested_once_per_new_validated_set(workspace: Path) -> None:
     _admit(workspace, "a", "train", "r1")
     _admit(workspace, "held", "eval", "r1")
     with dg.instance_for_test() as instance:
-        first = validated_datasets_changed(dg.build_sensor_context(instance=instance))
+        first = _sense(validated_datasets_changed, instance)
         assert isinstance(first, dg.RunRequest)
         cursor = first.tags["zk0/data_fingerprint"]
-        same = validated_datasets_changed(dg.build_sensor_context(instance=instance, cursor=cursor))
+        same = _sense(validated_datasets_changed, instance, cursor=cursor)
         assert isinstance(same, dg.SkipReason)
         _admit(workspace, "b", "train", "r7")
-        changed = validated_datasets_changed(dg.build_sensor_context(instance=instance, cursor=cursor))
+        changed = _sense(validated_datasets_changed, instance, cursor=cursor)
         assert isinstance(changed, dg.RunRequest)
         assert changed.run_key == f"train:{changed.tags['zk0/data_fingerprint']}" != f"train:{cursor}"
 
@@ -124,30 +134,24 @@ def _registered(instance: dg.DagsterInstance, fingerprint: str) -> None:
     )
 
 
+def _tick(instance: dg.DagsterInstance, trigger: TrainingTriggerResource) -> dg.RunRequest | dg.SkipReason:
+    """One nightly tick, its context closed afterwards (else the instance it opens stays current)."""
+    with dg.build_schedule_context(instance=instance, resources={"training_trigger": trigger}) as ctx:
+        return nightly_federated_training(ctx)
+
+
 def test_nightly_schedule_skips_when_nothing_changed_unless_forced(workspace: Path) -> None:
     _admit(workspace, "a", "train", "r1")
     _admit(workspace, "held", "eval", "r1")
     trigger = TrainingTriggerResource()
     with dg.instance_for_test() as instance:
-        ctx = dg.build_schedule_context(instance=instance, resources={"training_trigger": trigger})
-        first = nightly_federated_training(ctx)
+        first = _tick(instance, trigger)
         assert isinstance(first, dg.RunRequest)
         _registered(instance, first.tags["zk0/data_fingerprint"])
-        skipped = nightly_federated_training(
-            dg.build_schedule_context(instance=instance, resources={"training_trigger": trigger})
-        )
+        skipped = _tick(instance, trigger)
         assert isinstance(skipped, dg.SkipReason) and "nothing changed" in skipped.skip_message
-        forced = nightly_federated_training(
-            dg.build_schedule_context(
-                instance=instance, resources={"training_trigger": TrainingTriggerResource(nightly_force=True)}
-            )
-        )
+        forced = _tick(instance, TrainingTriggerResource(nightly_force=True))
         assert isinstance(forced, dg.RunRequest) and forced.tags["zk0/forced"] == "true"
         _admit(workspace, "b", "train", "r2")
-        assert isinstance(
-            nightly_federated_training(
-                dg.build_schedule_context(instance=instance, resources={"training_trigger": trigger})
-            ),
-            dg.RunRequest,
-        )
+        assert isinstance(_tick(instance, trigger), dg.RunRequest)
     assert nightly_federated_training.cron_schedule == "0 2 * * *"

@@ -266,10 +266,10 @@ def test_server_evaluation_asset_shows_curves_and_the_best_round_by_the_promotio
     model = {"rounds": rounds, "run_dir": str(tmp_path)}
     results = {}
     for rule in ("lower_eval_loss", "lower_action_mse"):
-        context = dg.build_asset_context()
-        results[rule] = server_evaluation(
-            context, federated_model=model, mlflow=MlflowResource(promote_rule=rule)
-        )
+        with dg.build_asset_context() as context:
+            results[rule] = server_evaluation(
+                context, federated_model=model, mlflow=MlflowResource(promote_rule=rule)
+            )
     by_loss, by_mse = results["lower_eval_loss"], results["lower_action_mse"]
     assert (by_loss["best_round"], by_mse["best_round"]) == (1, 2)
     assert by_loss["final_action_mse"] == 10.0 and by_loss["best_action_mse"] == 10.0
@@ -281,9 +281,7 @@ def test_server_evaluation_asset_shows_curves_and_the_best_round_by_the_promotio
     assert all(Path(p).read_bytes()[:4] == b"\x89PNG" for p in by_loss["plots"].values())
 
     stale = {"rounds": [{"round": 0, "eval_loss": 1.0}], "run_dir": str(tmp_path)}
-    with pytest.raises(dg.Failure, match="action_mse"):
+    with dg.build_asset_context() as context, pytest.raises(dg.Failure, match="action_mse"):
         server_evaluation(
-            dg.build_asset_context(),
-            federated_model=stale,
-            mlflow=MlflowResource(promote_rule="lower_action_mse"),
+            context, federated_model=stale, mlflow=MlflowResource(promote_rule="lower_action_mse")
         )
