@@ -146,10 +146,10 @@ def test_fused_pass_is_the_weighted_mean_update_and_its_norms(wire_dtype):
     shapes = {k: tuple(v.shape) for k, v in master.items()}
 
     outputs = []
-    for chunk in (5, 1 << 18):  # chunking must not change a single bit
+    for block in (5, 1 << 18):  # the block size must not change a single bit
         out = aggregate.OutputState(shapes)
         result = aggregate.fused_pass(
-            reference, views, weights, replies_are_updates=wire_dtype == "bfloat16", out=out, chunk=chunk
+            reference, views, weights, replies_are_updates=wire_dtype == "bfloat16", out=out, block=block
         )
         outputs.append(wire.decode_state(out.seal()))
         assert result.finite

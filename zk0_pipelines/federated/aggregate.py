@@ -1,19 +1,17 @@
 """Zero-copy, fused weighted averaging of client updates into a float32 master copy (the server's FedAvg).
 
-One pass over the replies' received bytes, tensor by tensor and chunk by chunk (a chunk of every reply and of
-the reference stays in cache while it is used):
+One pass over the replies' received bytes (``fedavg_kernels``: a compiled loop, block by block):
 
 - each reply's array is read through a zero-copy view of its ``bytes`` (``wire.array_view``);
 - its update is ``reply - reference`` on the float32 wire (replies carry weights) or the reply itself on the
-  bfloat16 wire (replies carry bf16 updates, widened to float32 per chunk);
+  bfloat16 wire (replies carry bf16 updates, widened to float32);
 - the update's squared L2 norm is accumulated per tensor (for the server-side update validation);
-- ``acc = update_0 + sum_{i>0} (w_i / w_0) * update_i`` is accumulated in float32 in one preallocated chunk
-  buffer, in the given (fixed) reply order, and ``reference + w_0 * acc`` (= ``reference + sum_i w_i *
-  update_i``) is written straight into the output ``.npy`` buffer.
+- ``reference + ((w_0 u_0 + w_1 u_1) + ...)`` is computed in float32, in the given (fixed) reply order, and
+  written straight into the output ``.npy`` buffer.
 
-The weighted sum is elementwise, in a fixed order, so it is bit-reproducible (independent of the chunk size
-and thread count). The output arrays are built in ``io.BytesIO`` buffers whose final ``bytes`` are handed to
-Flower's ``Array`` without another copy.
+The weighted sum is elementwise, in a fixed order, so it is bit-reproducible (independent of the block
+size). The output arrays are built in ``io.BytesIO`` buffers whose final ``bytes`` are handed to Flower's
+``Array`` without another copy.
 
 Memory: every round frees ~(clients + 1) x the model's bytes and allocates as much again. glibc returns
 freed heap tops to the OS (trim threshold) and serves large blocks with fresh ``mmap`` pages, so each
@@ -33,10 +31,11 @@ import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 from flwr.app import Array, ArrayRecord
 
-from zk0_pipelines.federated import wire
+from zk0_pipelines.federated import fedavg_kernels, wire
 
 log = logging.getLogger(__name__)
 
@@ -44,9 +43,6 @@ log = logging.getLogger(__name__)
 _M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3
 _MMAP_THRESHOLD_BYTES = 32 * 1024**2  # glibc's maximum: larger blocks still get their own mmap
 _TRIM_THRESHOLD_BYTES = 64 * 1024**3
-
-#: Elements per chunk (1 MiB of float32): the reply/reference/scratch/accumulator chunks stay in cache.
-CHUNK_ELEMENTS = 1 << 18
 
 
 @functools.cache
@@ -133,49 +129,11 @@ class PassResult:
     finite: bool
 
 
-def _tensor_pass(
-    ref: torch.Tensor,
-    parts: Sequence[torch.Tensor],
-    weights: Sequence[float],
-    target: torch.Tensor | None,
-    *,
-    replies_are_updates: bool,
-    norms: bool,
-    check_output: bool,
-    chunk: int,
-) -> tuple[list[float], bool]:
-    """:func:`fused_pass` for one tensor: squared update norm per reply, and whether the output is finite."""
-    ratios = [w / weights[0] for w in weights]
-    numel = ref.numel()
-    acc = torch.empty(min(chunk, numel), dtype=torch.float32)
-    scratch = torch.empty_like(acc)
-    dots: list[list[torch.Tensor]] = [[] for _ in parts]
-    finite = True
-    sub, dot, add = torch.sub, torch.dot, torch.add
-    for start in range(0, numel, chunk):
-        stop = min(start + chunk, numel)
-        size = stop - start
-        ref_c, acc_c, tmp_c = ref[start:stop], acc[:size], scratch[:size]
-        for index, whole in enumerate(parts):
-            part = whole[start:stop]
-            into = acc_c if index == 0 else tmp_c  # acc = u_0 + sum_i (w_i / w_0) u_i
-            if not replies_are_updates:
-                update = sub(part, ref_c, out=into)
-            elif part.dtype != torch.float32 or index == 0:
-                update = into.copy_(part)
-            else:
-                update = part
-            if norms:
-                dots[index].append(dot(update, update))
-            if target is not None and index > 0:
-                acc_c.add_(update, alpha=ratios[index])
-        if target is not None:  # reference + w_0 * acc, written straight into the output
-            result = add(ref_c, acc_c, alpha=weights[0], out=target[start:stop])
-            # a sum is non-finite iff a value is (or it overflows: then look element-wise)
-            if check_output and finite and not math.isfinite(float(result.sum())):
-                finite = bool(torch.isfinite(result).all())
-    squared = [float(torch.stack(d).double().sum()) if d else 0.0 for d in dots]
-    return squared, finite
+def _numpy(view: torch.Tensor) -> np.ndarray:
+    """The numpy array sharing a flat float32 or bfloat16 (as its uint16 bit patterns) tensor's memory."""
+    if view.dtype == torch.bfloat16:
+        return view.view(torch.int16).numpy().view(np.uint16)
+    return view.numpy()
 
 
 def fused_pass(
@@ -185,14 +143,13 @@ def fused_pass(
     *,
     replies_are_updates: bool,
     out: OutputState | None,
-    norms: bool = True,
-    chunk: int | None = None,
+    block: int = fedavg_kernels.BLOCK_ELEMENTS,
 ) -> PassResult:
     """Squared update norms of ``replies`` and (when ``out`` is given) ``reference + sum_i w_i update_i``.
 
     ``reference`` and each reply map tensor names to flat float32 (reply: or bf16) tensors of equal length;
     ``weights`` are already normalised (one per reply, in aggregation order). With ``out=None`` only the
-    norms are computed; with ``norms=False`` only the aggregate. ``chunk``: elements per chunk.
+    norms are computed. ``block``: elements per block of the kernel's loop (does not change the output).
     """
     if len(replies) != len(weights):
         raise ValueError("need one weight per reply")
@@ -202,29 +159,20 @@ def fused_pass(
         return PassResult(squared_norms=[], finite=True)
     if any(w <= 0 for w in weights):
         raise ValueError(f"weights must be positive, got {list(weights)}")
-    # Output finiteness. Float32 wire: update = reply - reference, so a non-finite reference value makes
-    # every reply's update norm non-finite (the caller rejects them all); with finite updates (|u| < 1.9e19,
-    # else u*u overflows) and weight ratios <= 1e6, |w_0 * acc| < 6e25 cannot push a finite reference value
-    # past float32's maximum. So the output is finite and only the bfloat16 wire (updates independent of
-    # the reference) or extreme weights need the element check (a sum per chunk).
-    check_output = out is not None and (replies_are_updates or max(weights) / weights[0] > 1e6)
+    w32 = np.asarray(weights, dtype=np.float32)
     names = sorted(reference)
-
-    def one(name: str) -> tuple[list[float], bool]:
-        return _tensor_pass(
-            reference[name],
-            [reply[name] for reply in replies],
-            weights,
-            out.view(name) if out is not None else None,
+    squared: list[dict[str, float]] = [{} for _ in replies]
+    finite = True
+    for name in names:
+        norms, ok = fedavg_kernels.tensor_pass(
+            _numpy(reference[name]),
+            [_numpy(reply[name]) for reply in replies],
+            w32,
+            _numpy(out.view(name)) if out is not None else None,
             replies_are_updates=replies_are_updates,
-            norms=norms,
-            check_output=check_output,
-            chunk=chunk or CHUNK_ELEMENTS,
+            block=block,
         )
-
-    with torch.no_grad():
-        results = [one(name) for name in names]
-    squared = [
-        {name: r[0][index] for name, r in zip(names, results, strict=True)} for index in range(len(replies))
-    ]
-    return PassResult(squared_norms=squared, finite=all(r[1] for r in results))
+        finite = finite and ok
+        for index, value in enumerate(norms):
+            squared[index][name] = float(value)
+    return PassResult(squared_norms=squared, finite=finite)

@@ -195,7 +195,7 @@ class _ZkStrategyMixin:
         return views, {name: tuple(array.shape) for name, array in self._master.items()}
 
     def _aggregate(
-        self, reference: dict[str, torch.Tensor], checks: list[validation.ReplyCheck], norms: bool
+        self, reference: dict[str, torch.Tensor], checks: list[validation.ReplyCheck]
     ) -> tuple[aggregate.OutputState, aggregate.PassResult]:
         """One fused pass: ``reference + sum_i w_i update_i`` over ``checks`` (in order) and their norms."""
         total = math.fsum(c.weight for c in checks)
@@ -206,7 +206,6 @@ class _ZkStrategyMixin:
             [c.weight / total for c in checks],
             replies_are_updates=self.wire_dtype == "bfloat16",
             out=out,
-            norms=norms,
         )
         return out, result
 
@@ -230,7 +229,7 @@ class _ZkStrategyMixin:
         candidates = [i for i, c in enumerate(checks) if c.ok]
         out, result = None, None
         if candidates:
-            out, result = self._aggregate(reference, [checks[i] for i in candidates], norms=True)
+            out, result = self._aggregate(reference, [checks[i] for i in candidates])
             for i, squared in zip(candidates, result.squared_norms, strict=True):
                 checks[i] = validation.check_norms(checks[i], squared)
         reasons = {i: str(c.reason) for i, c in enumerate(checks) if not c.ok}
@@ -264,7 +263,7 @@ class _ZkStrategyMixin:
             self._check_quorum("train", global_round, len(accepted), dropped, rejected)
             return None, None
         if accepted_idx != candidates:  # a reply was rejected by its norm: aggregate without it
-            out, result = self._aggregate(reference, [checks[i] for i in accepted_idx], norms=False)
+            out, result = self._aggregate(reference, [checks[i] for i in accepted_idx])
         assert out is not None and result is not None
         arrays = out.seal()
         if not result.finite:

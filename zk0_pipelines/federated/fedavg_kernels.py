@@ -1,0 +1,133 @@
+"""Numba kernels of the server's fused FedAvg pass: one read of every received byte, one write of the output.
+
+For one tensor, blockwise (a block of the reference, of the accumulator and of each reply stays in L1/L2):
+
+    u_k = reply_k - reference        (float32 wire: replies carry weights)
+    u_k = float32(reply_k)           (bfloat16 wire: replies carry bf16 updates, widened exactly)
+    squared[k] += sum(u_k * u_k)     (per-tensor squared update norm, for the server-side validation)
+    out = reference + ((w_0 u_0 + w_1 u_1) + ...)   (fixed reply order, float32)
+
+Why a compiled kernel: the same work as torch ops is 3 passes per reply (sub, dot, axpy) plus a final add,
+each a separate sweep of a chunk; fused, the loop streams each reply once (``bench/aggregation.py``).
+
+Floating point: ``fastmath`` is limited to ``reassoc`` (so the per-block squared-norm sums vectorise; norms
+feed validation thresholds and metrics only) and ``nsz``. No ``nnan``/``ninf``: a NaN or Inf in a reply must
+reach its norm (and be rejected); the output's finiteness is read from its bits (integer ops). No
+``contract``: the output is the same IEEE sequence of roundings in the vector body and in the remainder
+loop, so it is independent of the block size (bit-reproducible, tested). The first call of each kernel in a
+fresh environment compiles it (about 2-3 s); ``cache=True`` keeps the machine code in ``__pycache__``.
+"""
+
+from __future__ import annotations
+
+import numba
+import numpy as np
+from numba.typed import List
+
+_FASTMATH = {"reassoc", "nsz"}
+_EXPONENT = np.uint32(0x7F800000)
+
+#: Elements per block: reference, accumulator and reply blocks (32 KiB each) stay in the core's cache.
+BLOCK_ELEMENTS = 8192
+
+
+@numba.njit(cache=True, nogil=True, fastmath=_FASTMATH, boundscheck=False)
+def _weights_pass(ref, parts, weights, out, squared, block):  # pragma: no cover - compiled
+    """Float32 replies carrying weights; returns whether every output value is finite."""
+    n = ref.shape[0]
+    acc = np.empty(min(block, n), np.float32)
+    out_bits = out.view(np.uint32)  # exponent all ones: Inf or NaN
+    non_finite = 0
+    for start in range(0, n, block):
+        m = min(block, n - start)
+        r = ref[start : start + m]
+        a = acc[:m]
+        for k in range(len(parts)):
+            p = parts[k][start : start + m]
+            w = weights[k]
+            s = np.float32(0.0)
+            if k == 0:
+                for j in range(m):
+                    d = p[j] - r[j]
+                    s += d * d
+                    a[j] = w * d
+            else:
+                for j in range(m):
+                    d = p[j] - r[j]
+                    s += d * d
+                    a[j] += w * d
+            squared[k] += s
+        if out.shape[0] > 0:
+            o = out[start : start + m]
+            for j in range(m):
+                o[j] = r[j] + a[j]
+            ob = out_bits[start : start + m]
+            for j in range(m):
+                non_finite += (ob[j] & _EXPONENT) == _EXPONENT
+    return non_finite == 0
+
+
+@numba.njit(cache=True, nogil=True, fastmath=_FASTMATH, boundscheck=False)
+def _bf16_updates_pass(ref, parts, weights, out, squared, block):  # pragma: no cover - compiled
+    """bfloat16 replies (raw 16-bit patterns) carrying updates; returns whether the output is finite."""
+    n = ref.shape[0]
+    acc = np.empty(min(block, n), np.float32)
+    bits = np.empty(min(block, n), np.uint32)
+    widened = bits.view(np.float32)  # bf16 -> f32 is exact: the 16 bits become the high half
+    out_bits = out.view(np.uint32)  # exponent all ones: Inf or NaN
+    non_finite = 0
+    for start in range(0, n, block):
+        m = min(block, n - start)
+        r = ref[start : start + m]
+        a = acc[:m]
+        for k in range(len(parts)):
+            p = parts[k][start : start + m]
+            for j in range(m):
+                bits[j] = np.uint32(p[j]) << np.uint32(16)
+            w = weights[k]
+            s = np.float32(0.0)
+            if k == 0:
+                for j in range(m):
+                    d = widened[j]
+                    s += d * d
+                    a[j] = w * d
+            else:
+                for j in range(m):
+                    d = widened[j]
+                    s += d * d
+                    a[j] += w * d
+            squared[k] += s
+        if out.shape[0] > 0:
+            o = out[start : start + m]
+            for j in range(m):
+                o[j] = r[j] + a[j]
+            ob = out_bits[start : start + m]
+            for j in range(m):
+                non_finite += (ob[j] & _EXPONENT) == _EXPONENT
+    return non_finite == 0
+
+
+def tensor_pass(
+    ref: np.ndarray,
+    parts: list[np.ndarray],
+    weights: np.ndarray,
+    out: np.ndarray | None,
+    *,
+    replies_are_updates: bool,
+    block: int = BLOCK_ELEMENTS,
+) -> tuple[np.ndarray, bool]:
+    """Squared update norm per reply (float64) and, into ``out``, ``ref + sum_k weights[k] * u_k``.
+
+    ``ref`` and ``out``: flat float32; ``parts``: flat float32 replies (weights) or, with
+    ``replies_are_updates``, flat uint16 bf16 bit patterns (updates); ``weights``: float32, one per part.
+    With ``out=None`` only the norms are computed. Returns ``(squared_norms, output_is_finite)``.
+    """
+    if block < 1:
+        raise ValueError(f"block must be positive, got {block}")
+    squared = np.zeros(len(parts), dtype=np.float64)
+    if ref.shape[0] == 0 or not parts:
+        return squared, True
+    target = out if out is not None else np.empty(0, dtype=np.float32)
+    kernel = _bf16_updates_pass if replies_are_updates else _weights_pass
+    finite = kernel(ref, List(parts), weights, target, squared, block)
+    return squared, bool(finite) if out is not None else True
