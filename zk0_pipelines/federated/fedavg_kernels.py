@@ -14,15 +14,18 @@ Floating point: ``fastmath`` is limited to ``reassoc`` (so the per-block squared
 feed validation thresholds and metrics only) and ``nsz``. No ``nnan``/``ninf``: a NaN or Inf in a reply must
 reach its norm (and be rejected); the output's finiteness is read from its bits (integer ops). No
 ``contract``: the output is the same IEEE sequence of roundings in the vector body and in the remainder
-loop, so it is independent of the block size (bit-reproducible, tested). The first call of each kernel in a
-fresh environment compiles it (about 2-3 s); ``cache=True`` keeps the machine code in ``__pycache__``.
+loop, so it is independent of the block size (bit-reproducible, tested).
+
+Compilation: the replies are passed as a tuple of arrays (a numba typed List would cost ~1.7 s of list
+compilation in every new process, and ~0.1 ms per call), so each kernel is specialised per number of
+replies: the first call for a new count compiles it (about 2-3 s) and ``cache=True`` keeps the machine code
+in ``__pycache__`` for every later process.
 """
 
 from __future__ import annotations
 
 import numba
 import numpy as np
-from numba.typed import List
 
 _FASTMATH = {"reassoc", "nsz"}
 _EXPONENT = np.uint32(0x7F800000)
@@ -129,5 +132,5 @@ def tensor_pass(
         return squared, True
     target = out if out is not None else np.empty(0, dtype=np.float32)
     kernel = _bf16_updates_pass if replies_are_updates else _weights_pass
-    finite = kernel(ref, List(parts), weights, target, squared, block)
+    finite = kernel(ref, tuple(parts), weights, target, squared, block)
     return squared, bool(finite) if out is not None else True
