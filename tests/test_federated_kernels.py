@@ -66,3 +66,9 @@ def test_norms_only_without_an_output() -> None:
         ref, [np.full(5, 2.0, np.float32)], np.ones(1, np.float32), None, replies_are_updates=False
     )
     assert squared.tolist() == [20.0] and finite
+
+
+def test_replies_of_the_wrong_wire_dtype_are_refused() -> None:
+    ref = np.zeros(4, np.float32)
+    with pytest.raises(TypeError, match="uint16"):
+        K.tensor_pass(ref, [ref.copy()], np.ones(1, np.float32), None, replies_are_updates=True)

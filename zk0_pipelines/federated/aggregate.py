@@ -122,8 +122,8 @@ class OutputState:
 
 @dataclass
 class PassResult:
-    """What :func:`fused_pass` found: per reply, the squared update norm of each tensor; output finiteness
-    (valid when every aggregated reply's norm is finite, which the caller checks)."""
+    """What :func:`fused_pass` found: per reply, the squared update norm of each tensor; whether every
+    output value is finite (read from the output's exponent bits)."""
 
     squared_norms: list[dict[str, float]]
     finite: bool
