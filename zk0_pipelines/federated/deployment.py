@@ -49,6 +49,8 @@ from zk0_pipelines.federated.launcher import (
     LocalSimulation,
     _tool,
     free_port,
+    superlink_command,
+    write_connection_config,
 )
 
 log = logging.getLogger(__name__)
@@ -282,13 +284,10 @@ class LocalDeployment(LocalSimulation):
         self.tls = write_tls_files(self.tls_dir, self.tls_hosts)
         for attempt in range(3):
             self.port = free_port()
-            (self.flwr_home / "config.toml").write_text(
-                f'[superlink]\ndefault = "{CONNECTION}"\n\n[superlink.{CONNECTION}]\n'
-                f'address = "127.0.0.1:{self.port}"\n'
-                f'root-certificates = "{self.tls.ca_cert.resolve()}"\n'
+            write_connection_config(
+                self.flwr_home, self.port, f'root-certificates = "{self.tls.ca_cert.resolve()}"'
             )
-            cmd = [
-                _tool("flower-superlink"),
+            security = [
                 "--ssl-ca-certfile",
                 str(self.tls.ca_cert),
                 "--ssl-certfile",
@@ -296,14 +295,8 @@ class LocalDeployment(LocalSimulation):
                 "--ssl-keyfile",
                 str(self.tls.server_key),
                 "--enable-supernode-auth",
-                "--isolation",
-                "subprocess",
-                "--host",
-                "127.0.0.1",
-                "--port",
-                str(self.port),
-                "--disable-runtime-dependency-installation",
             ]
+            cmd = superlink_command(self.port, security)
             self.superlink = self._popen(cmd, self.logs_dir / "superlink.out")
             if self._wait_healthy():
                 log.info("SuperLink (TLS, node auth) pid %d on 127.0.0.1:%d", self.superlink.pid, self.port)

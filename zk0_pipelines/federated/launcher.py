@@ -152,6 +152,31 @@ def _tool(name: str) -> str:
     return found
 
 
+def superlink_command(port: int, security: list[str]) -> list[str]:
+    """``flower-superlink`` on 127.0.0.1:``port`` running ServerApps in subprocesses, with no runtime
+    dependency installation; ``security`` is the mode's own flags (``--insecure --simulation`` or TLS)."""
+    return [
+        _tool("flower-superlink"),
+        *security,
+        "--isolation",
+        "subprocess",
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "--disable-runtime-dependency-installation",
+    ]
+
+
+def write_connection_config(flwr_home: Path, port: int, security_line: str) -> None:
+    """``$FLWR_HOME/config.toml``: the default SuperLink connection ``CONNECTION`` at 127.0.0.1:``port``;
+    ``security_line`` is the TOML line saying how to trust it (``insecure = true`` or root certificates)."""
+    (flwr_home / "config.toml").write_text(
+        f'[superlink]\ndefault = "{CONNECTION}"\n\n[superlink.{CONNECTION}]\n'
+        f'address = "127.0.0.1:{port}"\n{security_line}\n'
+    )
+
+
 LAUNCH_ENV = "ZK0_LAUNCH_ID"
 LAUNCH_RECORD = "launch-{}.json"
 
@@ -351,23 +376,9 @@ class LocalSimulation:
         self._write_record("running")
         for attempt in range(3):
             self.port = free_port()
-            (self.flwr_home / "config.toml").write_text(
-                f'[superlink]\ndefault = "{CONNECTION}"\n\n[superlink.{CONNECTION}]\n'
-                f'address = "127.0.0.1:{self.port}"\ninsecure = true\n'
-            )
+            write_connection_config(self.flwr_home, self.port, "insecure = true")
             out = open(self.logs_dir / "superlink.out", "ab")  # noqa: SIM115 - closed with the process
-            cmd = [
-                _tool("flower-superlink"),
-                "--insecure",
-                "--simulation",
-                "--isolation",
-                "subprocess",
-                "--host",
-                "127.0.0.1",
-                "--port",
-                str(self.port),
-                "--disable-runtime-dependency-installation",
-            ]
+            cmd = superlink_command(self.port, ["--insecure", "--simulation"])
             self.superlink = subprocess.Popen(
                 cmd,
                 env=self.env(),
