@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 import yaml
+from _fixtures_lineage import synthetic_source
 
 CHECKOUT = Path(__file__).resolve().parents[1]
 CHROMIUM = os.environ.get("ZK0_CHROMIUM", "/usr/bin/chromium")
@@ -66,18 +67,6 @@ def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
-
-
-def synthetic_source(seed: int, task: str, motion: str) -> dict[str, Any]:
-    """A registry source for a tiny synthetic SO-100 dataset (1 episode x 20 frames)."""
-    return {
-        "kind": "synthetic",
-        "seed": seed,
-        "task": task,
-        "motion": motion,
-        "episodes": 1,
-        "frames_per_episode": 20,
-    }
 
 
 def write_tiny_registry(path: Path) -> Path:

@@ -23,20 +23,12 @@ from pathlib import Path
 import dagster as dg
 import pytest
 import yaml
+from _fixtures_lineage import LINEAGE, synthetic_source
 
 from zk0_pipelines.datasets.validation import CHECK_NAMES
 from zk0_pipelines.definitions import build_definitions, build_resources, defs
 from zk0_pipelines.defs.resources import DatasetRegistryResource, MlflowResource
 
-LINEAGE = [
-    "so100_dataset",
-    "validated_dataset",
-    "dataset_snapshot",
-    "federated_model",
-    "server_evaluation",
-    "registered_model",
-    "hub_release",
-]
 TRAIN_IDS = ("client_a", "client_b", "client_c")
 
 
@@ -71,22 +63,12 @@ def _corrupt_local_dataset(root: Path) -> Path:
 
 
 def _tiny_registry(path: Path) -> Path:
-    def synthetic(seed: int, task: str, motion: str) -> dict:
-        return {
-            "kind": "synthetic",
-            "seed": seed,
-            "task": task,
-            "motion": motion,
-            "episodes": 1,
-            "frames_per_episode": 20,
-        }
-
     registry = {
         "datasets": [
-            {"id": "client_a", "role": "train", "source": synthetic(1, "pick the cube", "reach")},
-            {"id": "client_b", "role": "train", "source": synthetic(2, "stack the blocks", "push")},
-            {"id": "client_c", "role": "train", "source": synthetic(3, "sort the pens", "sweep")},
-            {"id": "heldout", "role": "eval", "source": synthetic(9, "pick the cube", "reach")},
+            {"id": "client_a", "role": "train", "source": synthetic_source(1, "pick the cube", "reach")},
+            {"id": "client_b", "role": "train", "source": synthetic_source(2, "stack the blocks", "push")},
+            {"id": "client_c", "role": "train", "source": synthetic_source(3, "sort the pens", "sweep")},
+            {"id": "heldout", "role": "eval", "source": synthetic_source(9, "pick the cube", "reach")},
             {
                 "id": "broken",
                 "role": "train",

@@ -24,6 +24,7 @@ from typing import Any
 
 import dagster as dg
 import pytest
+from _fixtures_lineage import LINEAGE
 from _fixtures_ui import (
     CHECKOUT,
     CHROMIUM,
@@ -42,15 +43,6 @@ from _fixtures_ui import (
 pytestmark = pytest.mark.e2e
 
 ARTIFACTS = CHECKOUT / "test-artifacts"
-LINEAGE = (
-    "so100_dataset",
-    "validated_dataset",
-    "dataset_snapshot",
-    "federated_model",
-    "server_evaluation",
-    "registered_model",
-    "hub_release",
-)
 DROPPED_NAME = "lab_wave"
 DROPPED_ID = f"drop-{DROPPED_NAME}"
 TERMINAL = ("Success", "Failure", "Canceled")
