@@ -3,14 +3,21 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
 from pathlib import Path
 
 import pytest
-from _fixtures_datasets import DATA_FILE, clean_dataset  # noqa: F401
+from _fixtures_datasets import DATA_FILE, TOP, WRIST, clean_dataset, video_rel  # noqa: F401
 
 from zk0_pipelines.datasets.registry import DatasetEntry, DatasetSource
-from zk0_pipelines.datasets.sources import DatasetFetchError, FetchResult, fetch_dataset, tree_digest
+from zk0_pipelines.datasets.sources import (
+    DatasetFetchError,
+    DatasetRefusedError,
+    FetchResult,
+    fetch_dataset,
+    tree_digest,
+)
 from zk0_pipelines.datasets.synthetic import SyntheticSpec
 
 
@@ -59,6 +66,51 @@ def test_missing_local_folder_is_a_clear_error(tmp_path: Path) -> None:
     assert not dest.exists()
 
 
+def test_a_file_as_local_source_is_named_a_file(tmp_path: Path) -> None:
+    archive = tmp_path / "so100.zip"
+    archive.write_bytes(b"PK")
+    with pytest.raises(
+        DatasetFetchError, match=r"dataset 'zipped': local source .*so100.zip is a file, not a"
+    ):
+        fetch_dataset(_local("zipped", archive), tmp_path / "dest")
+
+
+def test_unsafe_symlinks_are_refused_naming_each_link(clean_dataset: Path, tmp_path: Path) -> None:  # noqa: F811
+    src = tmp_path / "linked"
+    shutil.copytree(clean_dataset, src)
+    os.symlink("..", src / "videos" / TOP / "loop")
+    video = src / video_rel(WRIST)
+    video.unlink()
+    os.symlink(video.name, video)
+    os.symlink(str(tmp_path), src / "meta" / "outside")
+    dest = tmp_path / "dest"
+    with pytest.raises(DatasetRefusedError) as info:
+        fetch_dataset(_local("linked", src), dest)
+    message = str(info.value)
+    assert message.startswith(f"dataset 'linked' (local:{src}): ")
+    for needle in (
+        f"videos/{TOP}/loop: symlink to '..' is a loop (it leads back to a folder that contains it)",
+        f"{video_rel(WRIST)}: symlink to 'file-000.mp4' is a loop (it leads back to itself)",
+        f"meta/outside: symlink to '{tmp_path}' points to a folder outside the dataset",
+    ):
+        assert needle in message, message
+    assert not dest.exists() and info.value.result is None
+
+
+def test_file_links_are_copied_as_the_files_they_point_to(clean_dataset: Path, tmp_path: Path) -> None:  # noqa: F811
+    """A dataset laid out like the Hugging Face cache: its files are links into a blob store elsewhere."""
+    src, blobs = tmp_path / "snapshot", tmp_path / "blobs"
+    shutil.copytree(clean_dataset, src)
+    blobs.mkdir()
+    video = src / video_rel(TOP)
+    shutil.move(video, blobs / "top.mp4")
+    os.symlink(blobs / "top.mp4", video)
+    result = fetch_dataset(_local("cached", src), tmp_path / "dest")
+    copied = result.path / video_rel(TOP)
+    assert not copied.is_symlink() and copied.read_bytes() == (blobs / "top.mp4").read_bytes()
+    assert result.resolved_revision == "sha256:" + tree_digest(clean_dataset)
+
+
 def test_other_robot_is_refused_and_destination_untouched(clean_dataset: Path, tmp_path: Path) -> None:  # noqa: F811
     src = tmp_path / "koch"
     shutil.copytree(clean_dataset, src)
@@ -74,6 +126,11 @@ def test_other_robot_is_refused_and_destination_untouched(clean_dataset: Path, t
         fetch_dataset(_local("koch-arm", src), dest)
     assert (dest / "keep.txt").read_text() == "keep"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["dest", "koch"]
+    # the ingest keeps the refused copy (to quarantine it) and learns what was fetched
+    with pytest.raises(DatasetRefusedError) as info:
+        fetch_dataset(_local("koch-arm", src), dest, keep_refused=True)
+    assert info.value.result.resolved_revision == "sha256:" + tree_digest(src)
+    assert json.loads((dest / "meta" / "info.json").read_text())["robot_type"] == "koch_follower"
 
 
 def test_synthetic_fetch_is_reproducible(clean_dataset: Path, tmp_path: Path) -> None:  # noqa: F811

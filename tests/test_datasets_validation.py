@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import re
 from pathlib import Path
 
 import av
@@ -75,6 +77,11 @@ def test_truncated_video_fails_decode_and_frame_count(dataset_copy: Path) -> Non
     truncate(dataset_copy / video_rel(TOP), 0.5)
     report = _validate(dataset_copy)
     _assert_fails(report, "video_decode", video_rel(TOP), "at frame")
+    # the file-wide frame number is placed in its episode (30 frames per episode)
+    found = re.search(r"at frame (\d+) \(episode (\d+) frame (\d+)\)", report.check("video_decode").message)
+    assert found, report.check("video_decode").message
+    frame, episode, in_episode = (int(v) for v in found.groups())
+    assert (episode, in_episode) == divmod(frame, 30)
     _assert_fails(report, "frame_counts", video_rel(TOP), "meta/episodes assigns 60")
     assert report.check("parquet_readable").passed and report.check("finite_values").passed
 
@@ -223,9 +230,16 @@ def test_empty_episode_fails(dataset_copy: Path) -> None:  # noqa: F811
 
 
 def test_invalid_info_json_fails_and_dependent_checks_do_not_pass(dataset_copy: Path) -> None:  # noqa: F811
-    (dataset_copy / "meta" / "info.json").write_text('{"codebase_version": "v3.0", "fps": 30,')
+    (dataset_copy / "meta" / "info.json").write_text(
+        '{"codebase_version": "v3.0", "fps": 30,\n "robot_type": "so1'
+    )
     report = _validate(dataset_copy)
-    _assert_fails(report, "info_json", "meta/info.json", "invalid JSON")
+    _assert_fails(
+        report,
+        "info_json",
+        "meta/info.json",
+        "invalid JSON: Unterminated string starting at: line 2 column 16",
+    )
     for name in ("schema", "timestamps", "frame_counts", "frozen_frames"):
         assert not report.check(name).passed and report.check(name).details["skipped"]
     # the videos are still decoded
@@ -252,6 +266,33 @@ def test_missing_dataset_folder_fails_every_check(tmp_path: Path) -> None:
     report = _validate(tmp_path / "nope")
     assert [c.name for c in report.failures] == list(CHECK_NAMES)
     assert "does not exist" in report.failures[0].message
+
+
+def test_a_file_given_as_dataset_is_named_a_file_once(tmp_path: Path) -> None:
+    path = tmp_path / "so100.tar"
+    path.write_bytes(b"not a folder")
+    report = _validate(path)
+    _assert_fails(report, "info_json", f"{path} is a file, not a dataset folder")
+    assert [c.name for c in report.failures] == list(CHECK_NAMES)
+    others = [c for c in report.checks if c.name != "info_json"]
+    assert all(c.details.get("skipped") and "is a file" not in c.message for c in others)
+    assert not any("does not exist" in c.message for c in report.checks)
+
+
+def test_symlink_loops_fail_naming_each_link(dataset_copy: Path) -> None:  # noqa: F811
+    os.symlink("..", dataset_copy / "videos" / TOP / "loop")  # a folder link back to its parent
+    video = dataset_copy / video_rel(WRIST)
+    video.unlink()
+    os.symlink(video.name, video)  # a video file that is a link to itself
+    report = _validate(dataset_copy)
+    _assert_fails(
+        report,
+        "video_decode",
+        f"videos/{TOP}/loop: symlink to '..' is a loop (it leads back to a folder that contains it)",
+        f"{video_rel(WRIST)}: symlink to 'file-000.mp4' is a loop (it leads back to itself)",
+    )
+    assert "file is missing" not in report.check("video_decode").message
+    assert report.check("parquet_readable").passed and report.check("info_json").passed
 
 
 def test_unreferenced_video_file_fails_frame_counts(dataset_copy: Path) -> None:  # noqa: F811

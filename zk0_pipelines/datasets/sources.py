@@ -7,7 +7,9 @@
 
 The destination is built in a temporary sibling folder and swapped in at the end, so ``dest`` is
 either the complete new dataset or untouched. A dataset whose ``meta/info.json`` names a robot other
-than an SO-100/SO-101 arm is refused.
+than an SO-100/SO-101 arm, or a local folder with a link that cannot be followed safely (broken, a loop,
+a folder link out of the dataset: see :mod:`zk0_pipelines.datasets.links`), is refused with a
+:class:`DatasetRefusedError`; file links inside a local folder are copied as the files they point to.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ import uuid
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from zk0_pipelines.datasets.links import find_unsafe_links
 from zk0_pipelines.datasets.registry import DatasetEntry
 from zk0_pipelines.datasets.so100 import is_so100_family
 from zk0_pipelines.datasets.synthetic import write_synthetic_so100
@@ -27,6 +30,15 @@ from zk0_pipelines.datasets.synthetic import write_synthetic_so100
 
 class DatasetFetchError(RuntimeError):
     """A dataset could not be fetched (message names the dataset id and its source)."""
+
+
+class DatasetRefusedError(DatasetFetchError):
+    """The dataset was reached but may not be ingested (another robot, an unsafe link).
+
+    ``result`` is set when the refused copy was kept (``fetch_dataset(..., keep_refused=True)``).
+    """
+
+    result: FetchResult | None = None
 
 
 @dataclass
@@ -73,7 +85,7 @@ def _check_robot_type(entry: DatasetEntry, root: Path) -> None:
         return
     robot_type = info.get("robot_type")
     if not is_so100_family(robot_type):
-        raise DatasetFetchError(
+        raise DatasetRefusedError(
             f"dataset {entry.id!r} ({entry.source.describe()}): meta/info.json declares robot_type "
             f"{robot_type!r}, not an SO-100/SO-101 arm (so100*, so101*)"
         )
@@ -120,11 +132,26 @@ def _fetch_hub(entry: DatasetEntry, tmp: Path) -> str:
     return sha
 
 
-def fetch_dataset(entry: DatasetEntry, dest: Path) -> FetchResult:
+def _check_links(entry: DatasetEntry, src: Path) -> None:
+    """Refuse a local folder holding a link that cannot be followed safely, naming every such link."""
+    unsafe = find_unsafe_links(src)
+    if unsafe:
+        listed = "; ".join(link.message() for link in unsafe[:10])
+        more = f" (+{len(unsafe) - 10} more)" if len(unsafe) > 10 else ""
+        raise DatasetRefusedError(
+            f"dataset {entry.id!r} ({entry.source.describe()}): {listed}{more}; replace the link by the "
+            "file or folder it should point to"
+        )
+
+
+def fetch_dataset(entry: DatasetEntry, dest: Path, *, keep_refused: bool = False) -> FetchResult:
     """Fetch ``entry`` into ``dest`` (created, or replaced as a whole) and return what was fetched.
 
     Raises :class:`DatasetFetchError` (a ``RuntimeError``) naming the dataset id and its source when
-    the Hub is unreachable, the local folder does not exist, or the robot is not an SO-100/SO-101.
+    the Hub is unreachable or the local folder does not exist, and its subclass
+    :class:`DatasetRefusedError` when the robot is not an SO-100/SO-101 or a local folder holds an
+    unsafe link. With ``keep_refused`` a refused robot's copy still lands in ``dest`` (the ingest
+    quarantines it) and the error's ``result`` says what was fetched.
     """
     dest = Path(dest).absolute()
     dest.parent.mkdir(parents=True, exist_ok=True)
@@ -136,12 +163,18 @@ def fetch_dataset(entry: DatasetEntry, dest: Path) -> FetchResult:
             resolved = _fetch_hub(entry, tmp)
         elif source.kind == "local":
             src = Path(source.path) if source.path is not None else None
+            if src is not None and src.is_file():
+                raise DatasetFetchError(
+                    f"dataset {entry.id!r}: local source {src} is a file, not a dataset folder "
+                    "(a LeRobot dataset is a folder holding meta/info.json)"
+                )
             if src is None or not src.is_dir():
                 raise DatasetFetchError(
                     f"dataset {entry.id!r}: local source folder {src} does not exist or is not a folder"
                 )
             if src.resolve() == dest.resolve():
                 raise DatasetFetchError(f"dataset {entry.id!r}: local source {src} is the destination itself")
+            _check_links(entry, src)
             shutil.copytree(src, tmp, symlinks=False)
             resolved = "sha256:" + tree_digest(tmp)
         elif source.kind == "synthetic":
@@ -150,16 +183,23 @@ def fetch_dataset(entry: DatasetEntry, dest: Path) -> FetchResult:
             resolved = "synthetic:" + spec.fingerprint()
         else:  # pragma: no cover - guarded by the registry model
             raise DatasetFetchError(f"dataset {entry.id!r}: unknown source kind {source.kind!r}")
-        _check_robot_type(entry, tmp)
+        result = FetchResult(
+            dataset_id=entry.id,
+            path=dest,
+            source_kind=source.kind,
+            resolved_revision=resolved,
+            requested_revision=source.revision,
+            origin=source.describe(),
+        )
+        try:
+            _check_robot_type(entry, tmp)
+        except DatasetRefusedError as exc:
+            if keep_refused:
+                _swap_into_place(tmp, dest)
+                exc.result = result
+            raise
         _swap_into_place(tmp, dest)
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
-    return FetchResult(
-        dataset_id=entry.id,
-        path=dest,
-        source_kind=source.kind,
-        resolved_revision=resolved,
-        requested_revision=source.revision,
-        origin=source.describe(),
-    )
+    return result

@@ -6,7 +6,8 @@ decoded completely exactly once, over a process pool (one task per file); frame 
 frames are computed from that same decode pass.
 
 A check whose prerequisite failed is reported as failed with ``details["skipped"] = True``: what
-could not be verified does not pass.
+could not be verified does not pass. A symlink that cannot be followed safely (broken, a loop, a
+folder link out of the dataset) fails the check of the files it stands in for, naming the link.
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ from typing import Any
 import numpy as np
 
 from zk0_pipelines.datasets._decode import DecodeResult, decode_video_file
+from zk0_pipelines.datasets.links import UnsafeLink, find_unsafe_links
 from zk0_pipelines.datasets.so100 import (
     CAMERA_KEYS,
     SO100_JOINTS,
@@ -293,7 +295,7 @@ def _check_info(ctx: _Ctx) -> CheckOutcome:
     except UnicodeDecodeError as exc:
         return _outcome(ctx, "info_json", [f"{rel} is not UTF-8 text: {exc}"], "")
     except json.JSONDecodeError as exc:
-        return _outcome(ctx, "info_json", [f"{rel}: invalid JSON at line {exc.lineno}: {exc.msg}"], "")
+        return _outcome(ctx, "info_json", [f"{rel}: invalid JSON: {exc}"], "")  # msg: line L column C
     if not isinstance(info, dict):
         return _outcome(
             ctx, "info_json", [f"{rel}: top level is {type(info).__name__}, expected an object"], ""
@@ -683,6 +685,8 @@ def _check_video_decode(ctx: _Ctx, plan_problems: list[str]) -> CheckOutcome:
         result = ctx.decoded[rel]
         if result.error:
             at = f" at frame {result.error_frame}" if result.error_frame is not None and result.exists else ""
+            if at:
+                at += _episode_of_frame(ctx.video_tasks.get(rel), result.error_frame)
             problems.append(f"{rel}: {result.error}{at}")
     decoded = sum(r.decoded for r in ctx.decoded.values())
     if not ctx.video_tasks:
@@ -694,6 +698,17 @@ def _check_video_decode(ctx: _Ctx, plan_problems: list[str]) -> CheckOutcome:
         f"{len(ctx.decoded)} video files, all {decoded} frames decoded without error",
         decoded_frames=decoded,
     )
+
+
+def _episode_of_frame(task: dict | None, frame: int) -> str:
+    """`` (episode E frame F)``: where a file-wide frame number falls in meta/episodes (or ``""``)."""
+    for episode, start, end in (task or {}).get("segments", []):
+        if start <= frame < end:
+            return f" (episode {episode} frame {frame - start})"
+    ends = [(end, episode) for episode, _, end in (task or {}).get("segments", [])]
+    if ends and frame >= max(ends)[0]:
+        return f" (after the last frame of episode {max(ends)[1]})"
+    return ""
 
 
 def _check_frame_counts(ctx: _Ctx) -> CheckOutcome:
@@ -805,10 +820,7 @@ def validate_dataset(
         progress = sys.stderr.isatty()
     ctx = _Ctx(root=root, dataset_id=dataset_id)
     if not root.is_dir():
-        checks = [
-            CheckOutcome(n, False, f"{dataset_id}: dataset folder {root} does not exist") for n in CHECK_NAMES
-        ]
-        return ValidationReport(dataset_id, root, checks, {})
+        return _not_a_folder_report(ctx)
 
     results: dict[str, CheckOutcome] = {"info_json": _check_info(ctx)}
     _load(ctx)
@@ -849,5 +861,65 @@ def validate_dataset(
         results["frame_counts"] = _check_frame_counts(ctx)
         results["frozen_frames"] = _check_frozen(ctx, frozen_min_frames, frozen_fraction)
 
+    _add_link_problems(ctx, results, find_unsafe_links(root))
     checks = [results[name] for name in CHECK_NAMES]
     return ValidationReport(dataset_id, root, checks, _stats(ctx, decode_seconds, used_workers))
+
+
+def _not_a_folder_report(ctx: _Ctx) -> ValidationReport:
+    """A path that is no folder fails ``info_json`` once, saying what it is; the other checks are not run."""
+    root = ctx.root
+    if root.is_file():
+        what = f"{root} is a file, not a dataset folder (a LeRobot dataset is a folder with meta/info.json)"
+    elif root.is_symlink():
+        what = f"dataset folder {root} is a symlink that does not resolve (broken or a loop)"
+    elif root.exists():
+        what = f"{root} is not a folder"
+    else:
+        what = f"dataset folder {root} does not exist"
+    first = CheckOutcome("info_json", False, f"{ctx.dataset_id}: {what}", {"path": str(root)})
+    results = {"info_json": first}
+    checks = [results.get(name) or _skipped(ctx, name, "info_json") for name in CHECK_NAMES]
+    return ValidationReport(ctx.dataset_id, root, checks, {})
+
+
+def _link_check(rel: str) -> str:
+    """The check a link belongs to: the videos' (decode), info.json's, or the other files' (parquet)."""
+    if rel.startswith("videos/") or rel == "videos":
+        return "video_decode"
+    if rel == "meta/info.json":
+        return "info_json"
+    return "parquet_readable"
+
+
+def _add_link_problems(ctx: _Ctx, results: dict[str, CheckOutcome], links: list[UnsafeLink]) -> None:
+    """Fail the check each unsafe link belongs to, naming the link; drop what that check said of it."""
+    for name in CHECK_NAMES:
+        mine = [link for link in links if _link_check(link.rel) == name]
+        if not mine:
+            continue
+        old = results[name]
+        rels = {link.rel for link in mine}
+        kept = [p for p in old.details.get("problems", []) if p.split(":", 1)[0] not in rels]
+        details = {k: v for k, v in old.details.items() if k not in ("problems", "problem_count")}
+        results[name] = _outcome(ctx, name, [link.message() for link in mine] + kept, "", **details)
+
+
+def refused_report(root: Path, dataset_id: str, reason: str) -> ValidationReport:
+    """The report of a dataset refused at fetch: ``schema`` fails with ``reason``, nothing else is run.
+
+    What the ingest stores beside a refused dataset's quarantined copy, like any validation report.
+    """
+    refused = CheckOutcome("schema", False, f"{dataset_id}: refused at fetch: {reason}", {"refused": True})
+    results = {"schema": refused}
+    checks = [
+        results.get(name)
+        or CheckOutcome(
+            name,
+            False,
+            f"{dataset_id}: not run: the dataset was refused at fetch (see schema)",
+            {"skipped": True, "requires": "fetch"},
+        )
+        for name in CHECK_NAMES
+    ]
+    return ValidationReport(dataset_id, Path(root), checks, {})

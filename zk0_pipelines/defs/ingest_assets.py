@@ -1,14 +1,17 @@
 """Ingest: fetch each registry dataset at its pinned revision, validate it, admit or quarantine it."""
 
 import shutil
+import warnings
+from pathlib import Path
 from typing import Any
 
 import dagster as dg
 
 from zk0_pipelines import settings
 from zk0_pipelines.datasets.admission import admit, quarantine
-from zk0_pipelines.datasets.sources import fetch_dataset
-from zk0_pipelines.datasets.validation import CHECK_NAMES, validate_dataset
+from zk0_pipelines.datasets.registry import DatasetEntry
+from zk0_pipelines.datasets.sources import DatasetRefusedError, FetchResult, fetch_dataset
+from zk0_pipelines.datasets.validation import CHECK_NAMES, refused_report, validate_dataset
 from zk0_pipelines.defs.partitions import SO100_DATASETS
 from zk0_pipelines.defs.resources import DatasetRegistryResource
 
@@ -33,7 +36,7 @@ def so100_dataset(
     if dest.exists():
         shutil.rmtree(dest)  # our own staging copy of an earlier attempt, never user data
     dest.parent.mkdir(parents=True, exist_ok=True)
-    result = fetch_dataset(entry, dest)
+    result, refusal = _fetch_or_refusal(context, entry, dest)
     fetched = {
         "dataset_id": dataset_id,
         "role": entry.role,
@@ -41,6 +44,7 @@ def so100_dataset(
         "source": entry.source.model_dump(mode="json", exclude_none=True),
         "resolved_revision": result.resolved_revision,
         "staged_path": str(result.path),
+        "refused": refusal,
     }
     context.add_output_metadata(
         {
@@ -48,16 +52,59 @@ def so100_dataset(
             "source_kind": result.source_kind,
             "resolved_revision": result.resolved_revision,
             "staged_path": dg.MetadataValue.path(str(result.path)),
+            "status": "refused" if refusal else "fetched",
+            **({"refused": refusal} if refusal else {}),
         }
     )
     return fetched
+
+
+def _fetch_or_refusal(
+    context: dg.AssetExecutionContext, entry: DatasetEntry, dest: Path
+) -> tuple[FetchResult, str | None]:
+    """Fetch; a refused dataset (other robot, unsafe link) is kept as what was fetched, with the reason.
+
+    The refusal is a finding about the dataset, not a failed step: ``validated_dataset`` quarantines it
+    with a report like any dataset that fails validation. Unreachable sources still fail the step.
+    """
+    try:
+        return fetch_dataset(entry, dest, keep_refused=True), None
+    except DatasetRefusedError as exc:
+        context.log.error(f"dataset {entry.id!r} refused: {exc}")
+        result = exc.result or FetchResult(
+            dataset_id=entry.id,
+            path=dest,
+            source_kind=entry.source.kind,
+            resolved_revision="refused",
+            requested_revision=entry.source.revision,
+            origin=entry.source.describe(),
+        )
+        return result, str(exc)
+
+
+def _partitioned_check_specs() -> list[dg.AssetCheckSpec]:
+    """One check spec per validation check, partitioned like the asset: each dataset has its own result.
+
+    Without the partitions the check tab shows whichever dataset was validated last.
+    """
+    with warnings.catch_warnings():  # partitioned asset checks are a Dagster preview feature
+        warnings.simplefilter("ignore", dg.PreviewWarning)
+        return [
+            dg.AssetCheckSpec(
+                name=name,
+                asset="validated_dataset",
+                partitions_def=SO100_DATASETS,
+                description=f"{name}, per dataset partition (the result names its partition)",
+            )
+            for name in CHECK_NAMES
+        ]
 
 
 @dg.asset(
     partitions_def=SO100_DATASETS,
     group_name="ingest",
     kinds={"lerobot"},
-    check_specs=[dg.AssetCheckSpec(name=name, asset="validated_dataset") for name in CHECK_NAMES],
+    check_specs=_partitioned_check_specs(),
     description=(
         "The dataset after the validation suite (every video frame decoded, frame counts, timestamps, "
         "schema, NaN/Inf). Passing datasets move to data/<id>; failing ones are quarantined (kept, "
@@ -68,14 +115,18 @@ def validated_dataset(context: dg.AssetExecutionContext, so100_dataset: dict[str
     """Validate the staged dataset, then admit it into ``data/`` or quarantine it."""
     dataset_id = so100_dataset["dataset_id"]
     staged = settings.staging_dir() / dataset_id
-    report = validate_dataset(staged, dataset_id)
+    refusal = so100_dataset.get("refused")
+    report = refused_report(staged, dataset_id, refusal) if refusal else validate_dataset(staged, dataset_id)
     check_results = [
         dg.AssetCheckResult(
             check_name=outcome.name,
             passed=outcome.passed,
             severity=dg.AssetCheckSeverity.ERROR,
-            description=outcome.message,
-            metadata={k: _metadata_value(v) for k, v in outcome.details.items()},
+            description=_for_partition(dataset_id, outcome.message),
+            metadata={
+                "partition": dataset_id,
+                **{k: _metadata_value(v) for k, v in outcome.details.items()},
+            },
         )
         for outcome in report.checks
         if outcome.name in CHECK_NAMES
@@ -86,7 +137,10 @@ def validated_dataset(context: dg.AssetExecutionContext, so100_dataset: dict[str
             check_name=name,
             passed=False,
             severity=dg.AssetCheckSeverity.ERROR,
-            description="not evaluated: the dataset failed an earlier, prerequisite check",
+            description=_for_partition(
+                dataset_id, "not evaluated: the dataset failed an earlier, prerequisite check"
+            ),
+            metadata={"partition": dataset_id},
         )
         for name in CHECK_NAMES
         if name not in evaluated
@@ -117,11 +171,17 @@ def validated_dataset(context: dg.AssetExecutionContext, so100_dataset: dict[str
         "path": dg.MetadataValue.path(str(path)),
         "resolved_revision": so100_dataset["resolved_revision"],
         "failed_checks": ", ".join(f.name for f in report.failures) or "none",
+        **({"refused": refusal} if refusal else {}),
     }
     metadata.update({f"stats/{k}": _metadata_value(v) for k, v in report.stats.items()})
     value = {**so100_dataset, "status": status, "path": str(path), "stats": report.stats}
     yield dg.Output(value, metadata=metadata)
     yield from check_results
+
+
+def _for_partition(dataset_id: str, message: str) -> str:
+    """Lead with the partition (the dataset id) so a result is never read as another dataset's."""
+    return message if message.startswith(f"{dataset_id}:") else f"{dataset_id}: {message}"
 
 
 def _metadata_value(value: Any) -> Any:

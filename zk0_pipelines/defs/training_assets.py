@@ -118,8 +118,23 @@ def dataset_snapshot(
 def _exclusion_reason(dataset_id: str) -> str:
     quarantined = settings.quarantine_dir() / dataset_id
     if quarantined.exists():
-        return f"quarantined ({quarantined})"
+        return _quarantine_reason(quarantined)
     return "not ingested yet"
+
+
+def _quarantine_reason(quarantined: Path) -> str:
+    """``quarantined (<latest attempt>): <why>``: the refusal, or the checks that failed, from its report."""
+    attempts = sorted(p for p in quarantined.iterdir() if (p / "report.json").is_file())
+    if not attempts:
+        return f"quarantined ({quarantined})"
+    try:
+        report = json.loads((attempts[-1] / "report.json").read_text())
+        failed = [c for c in report.get("checks", []) if not c.get("passed")]
+    except (OSError, ValueError, AttributeError):
+        return f"quarantined ({attempts[-1]}): report.json unreadable"
+    refused = [c["message"] for c in failed if (c.get("details") or {}).get("refused")]
+    why = refused[0] if refused else "failed checks " + ", ".join(c.get("name", "?") for c in failed)
+    return f"quarantined ({attempts[-1]}): {why}"
 
 
 def federated_run_dir(dvc_md5: str, run_config: dict[str, Any], dagster_run_id: str) -> tuple[Path, bool]:
