@@ -28,7 +28,7 @@ if _reason:
 from zk0_pipelines.definitions import build_definitions, build_resources  # noqa: E402
 from zk0_pipelines.defs.resources import DatasetRegistryResource, MlflowResource  # noqa: E402
 
-EVAL_LAB = {"cube_rgba": [0.6, 0.3, 0.6, 1.0], "region": [[0.16, -0.08], [0.28, 0.08]], "max_steps": 8}
+EVAL_LAB = {"cube_rgba": [0.6, 0.3, 0.6, 1.0], "region": [[0.16, -0.08], [0.28, 0.08]], "rollout_steps": 8}
 
 
 def _sim_registry(path: Path) -> Path:
@@ -108,7 +108,7 @@ def test_rollout_success_rate_is_logged_per_round_with_videos(sim_run: SimRun) -
     assert (
         0.0 <= final["success_rate_ci_low"] <= final["success_rate"] <= final["success_rate_ci_high"] <= 1.0
     )
-    assert final["episodes"] == 2 and 1 <= final["episode_length"] <= EVAL_LAB["max_steps"]
+    assert final["episodes"] == 2 and 1 <= final["episode_length"] <= EVAL_LAB["rollout_steps"]
 
     client = MlflowClient(sim_run.tracking_uri)
     history = client.get_metric_history(registered["run_id"], "eval_success_rate")

@@ -54,7 +54,7 @@ class SimLab:
     region: tuple[tuple[float, float], tuple[float, float]] = ((0.15, -0.1), (0.3, 0.1))
     light: float = 1.0  # scale of every light's diffuse colour and of the headlight
     camera_shift: tuple[float, float, float] = (0.0, 0.0, 0.0)  # added to the top camera's position
-    max_steps: int = 80  # control steps (10 Hz) before an episode is cut
+    rollout_steps: int = 80  # control steps (10 Hz) before a policy's rollout episode is cut
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "cube_rgba", tuple(float(v) for v in self.cube_rgba))
@@ -75,8 +75,8 @@ class SimLab:
             raise ValueError(f"light must be in [0.2, 2.0], got {self.light}")
         if len(self.camera_shift) != 3 or max(abs(v) for v in self.camera_shift) > 0.1:
             raise ValueError(f"camera_shift must be 3 values within ±0.1 m, got {self.camera_shift}")
-        if self.max_steps < 2:
-            raise ValueError(f"max_steps must be >= 2, got {self.max_steps}")
+        if self.rollout_steps < 2:
+            raise ValueError(f"rollout_steps must be >= 2, got {self.rollout_steps}")
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-able form."""

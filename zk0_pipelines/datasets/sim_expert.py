@@ -30,6 +30,7 @@ from zk0_pipelines.datasets.sim_env import (
 from zk0_pipelines.datasets.synthetic import EpisodeFrames, write_so100_episodes
 
 _TRIES_PER_EPISODE = 20
+EXPERT_MAX_STEPS = 150  # the expert needs about 50 control steps; a stuck attempt is cut here
 
 
 @dataclass(frozen=True)
@@ -84,7 +85,7 @@ def run_expert_episode(env: Any, seed: int, task: str, cameras: LabCameras | Non
     expert = PickPlaceController(ACTION_SCALE)
     states, actions, images = [], [], []
     success, steps = False, 0
-    for steps in range(1, env.lab.max_steps + 1):  # noqa: B007 - steps is the episode length
+    for steps in range(1, EXPERT_MAX_STEPS + 1):  # noqa: B007 - steps is the episode length
         if cameras is not None:
             states.append(env.joint_state())
             images.append(cameras.render())

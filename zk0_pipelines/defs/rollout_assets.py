@@ -23,7 +23,9 @@ class RolloutEvaluationConfig(dg.Config):
     """How many seeded episodes, how long, and which rounds the rollout evaluation covers."""
 
     episodes_per_lab: int = Field(default=2, ge=1, description="seeded episodes in each held-out lab")
-    max_steps: int = Field(default=0, ge=0, description="control steps per episode (0 = the lab's max_steps)")
+    max_steps: int = Field(
+        default=0, ge=0, description="control steps per episode (0 = the lab's rollout_steps)"
+    )
     every_n_rounds: int = Field(
         default=1, ge=0, description="evaluate rounds divisible by N, and always the last (0 = the last only)"
     )
@@ -115,7 +117,7 @@ def rollout_evaluation(
         context.log.info(f"round {server_round}: success rate {result['overall']['success_rate']:.3f}")
     final = per_round[rounds[-1]]["overall"]
     registry = mlflow.registry()
-    registry.log_rollout(registered_model["run_id"], rows, {Path(v): p for v, p in videos.items()})
+    registry.log_rollout(registered_model["run_id"], rows, [(Path(v), p) for v, p in videos.items()])
     name, version = registered_model["model_name"], registered_model["version"]
     ci = f"[{final['success_rate_ci_low']:.3f}, {final['success_rate_ci_high']:.3f}]"
     extra = {"success_rate_ci95": ci, "rollout.episodes_per_lab": config.episodes_per_lab}

@@ -207,7 +207,7 @@ def evaluate_policy(
         env = make_lab_env(lab.lab, joint_control=True)
         env.zk0_lab_id = lab.lab_id
         cameras = LabCameras(env, image_hw)
-        steps = int(max_steps or lab.lab.max_steps)
+        steps = int(max_steps or lab.lab.rollout_steps)
         lab_results = []
         try:
             for index, episode_seed in enumerate(episode_seeds(seed, episodes)):

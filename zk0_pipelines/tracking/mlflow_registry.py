@@ -750,16 +750,19 @@ class ModelRegistry:
         return promoted, decision
 
     def log_rollout(
-        self, run_id: str, rows: Sequence[Mapping[str, Any]], videos: Mapping[str, Path] | None = None
+        self,
+        run_id: str,
+        rows: Sequence[Mapping[str, Any]],
+        videos: Sequence[tuple[Path, str]] = (),
     ) -> None:
-        """Log rollout metrics (rows with ``round``, ``step=round``) and mp4s under ``rollouts/`` to a run."""
+        """Log rollout metrics (rows with ``round``, at ``step=round``) and (mp4, artifact folder) pairs."""
         from mlflow.entities import Metric
 
         metrics = self._round_metric_objs(rows, Metric, int(time.time() * 1000))
         with self._guard():
             for i in range(0, len(metrics), _BATCH_METRICS):
                 self.client.log_batch(run_id, metrics=metrics[i : i + _BATCH_METRICS])
-            for artifact_path, video in (videos or {}).items():
+            for video, artifact_path in videos:
                 self.client.log_artifact(run_id, str(video), artifact_path=artifact_path)
 
     def download_version(self, model_name: str, alias_or_version: str, dst: Path) -> Path:
