@@ -16,7 +16,7 @@ the last round, and the rollout success rate (``--rollouts`` seeded episodes of 
 steps in the held-out lab's simulator) of the final policy.
 
     .venv/bin/python bench/federated_vs_central.py [--episodes 2] [--rounds 3] [--local-steps 4]
-        [--rollouts 5] [--max-steps 60] [--mu 0.01] [--keep]
+        [--rollouts 5] [--max-steps 60] [--mu 0.01] [--policy-source tiny|pretrained] [--keep]
 
 Last line: ``federated_vs_central: <FedAvg action MSE ÷ centralised action MSE>``.
 """
@@ -88,6 +88,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--mu", type=float, default=0.01, help="FedProx proximal-mu")
     parser.add_argument("--rollouts", type=int, default=5, help="seeded rollout episodes on the held-out lab")
     parser.add_argument("--max-steps", type=int, default=60)
+    parser.add_argument(
+        "--policy-source",
+        default="tiny",
+        help="tiny (offline) or pretrained (lerobot/smolvla_base, needs the Hub)",
+    )
     parser.add_argument("--keep", action="store_true", help="keep .zk0/bench/federated_vs_central")
     args = parser.parse_args(argv)
     work = C.setup_env("federated_vs_central")
@@ -106,6 +111,7 @@ def main(argv: list[str] | None = None) -> int:
             "chunk-size": 10,
             "seed": 0,
             "min-available-clients": 1,
+            "policy-source": args.policy_source,
         }
         variants = {
             "centralised": ([pooled], {"local-steps": args.local_steps * len(roots), "strategy": "fedavg"}),

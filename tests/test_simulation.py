@@ -139,13 +139,14 @@ def test_release_folder_acts_like_the_final_checkpoint(sim_run: SimRun) -> None:
 
 
 def test_rollout_evaluation_is_deterministic(sim_run: SimRun) -> None:
-    from zk0_pipelines.evaluation.rollout import EvalLab, evaluate_policy_folder
+    from zk0_pipelines.evaluation.rollout import EvalLab, evaluate_policy
+    from zk0_pipelines.policy.export import load_policy_folder
 
-    folder = Path(sim_run.summary.federated["final_checkpoint"])
+    policy, pre, post = load_policy_folder(Path(sim_run.summary.federated["final_checkpoint"]))
     labs = [EvalLab("lab_heldout", SimLab(**EVAL_LAB), "pick up the cube and place it on the green target")]
 
     def run(seed: int) -> list[tuple]:
-        result = evaluate_policy_folder(folder, labs, episodes=1, seed=seed, max_steps=6)
+        result = evaluate_policy(policy, pre, post, labs, episodes=1, seed=seed, max_steps=6)
         return [(e["seed"], e["success"], e["length"], e["final_joints"]) for e in result["episodes"]]
 
     first = run(seed=3)
