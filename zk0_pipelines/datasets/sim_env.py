@@ -285,6 +285,11 @@ def simulator_unavailable() -> str | None:
         import mujoco
     except ImportError as exc:
         return f"the simulator is not installed ({exc}); run `make install`"
+    except Exception as exc:  # noqa: BLE001 - mujoco picks its GL backend at import (MUJOCO_GL)
+        return (
+            f"MuJoCo cannot load its OpenGL backend MUJOCO_GL={os.environ.get('MUJOCO_GL', '')!r} "
+            f"({type(exc).__name__}: {exc}); install Mesa with `make system-deps`"
+        )
     try:
         model = mujoco.MjModel.from_xml_string("<mujoco><worldbody><light/></worldbody></mujoco>")
         renderer = mujoco.Renderer(model, 8, 8)
