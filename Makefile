@@ -26,12 +26,14 @@ export TMPDIR := $(ROOT)/.zk0/tmp
 
 PYTEST_ARGS ?=
 
-.PHONY: help install demo test lint ui mlflow-ui clean-state
+.PHONY: help install demo test lint ui mlflow-ui clean-state system-deps demo-sim
 help:
 	@echo "make demo   - install and run the offline demo lineage (datasets -> registered model -> release folder)"
 	@echo "make test   - install what is missing and run the tests"
 	@echo "make ui     - Dagster webserver + daemon on http://127.0.0.1:3000"
 	@echo "make lint   - ruff"
+	@echo "make system-deps - Debian's Mesa (offscreen OpenGL for the SO-101 simulator), when missing"
+	@echo "make demo-sim    - the demo on scripted-expert datasets recorded in the SO-101 simulator"
 
 $(UV):
 	@test -x "$(PYTHON312)" || { echo "Python 3.12 not found (set PYTHON312=/path/to/python3.12)"; exit 1; }
@@ -70,3 +72,15 @@ ui: install
 
 mlflow-ui: install
 	$(VENV)/bin/zk0 mlflow-ui
+
+# Offscreen OpenGL for the SO-101 MuJoCo simulator (MUJOCO_GL=egl, or osmesa): Debian's Mesa packages.
+SIM_APT_PACKAGES := libegl1 libgl1 libegl-mesa0 libgl1-mesa-dri libosmesa6
+system-deps:
+	@missing=$$(for p in $(SIM_APT_PACKAGES); do dpkg -s $$p >/dev/null 2>&1 || echo $$p; done); \
+	if [ -n "$$missing" ]; then \
+	  echo "installing $$missing"; \
+	  apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends $$missing; \
+	else echo "system-deps: Mesa already installed"; fi
+
+demo-sim: install system-deps
+	ZK0_DATASET_REGISTRY=configs/datasets.sim.yaml $(VENV)/bin/zk0 demo

@@ -22,6 +22,7 @@ class LineageSummary:
     federated: dict[str, Any] | None = None
     registered: dict[str, Any] | None = None
     release: dict[str, Any] | None = None
+    rollout: dict[str, Any] | None = None
     errors: list[str] = field(default_factory=list)
 
     @property
@@ -38,6 +39,13 @@ class LineageSummary:
             r = self.registered
             out.append(f"registered model: {r['model_name']} version {r['version']} aliases {r['aliases']}")
             out.append(f"  tag dvc_md5 = {r['tags']['dvc_md5']}")
+        if self.rollout and not self.rollout.get("skipped"):
+            f = self.rollout["final"]
+            out.append(
+                f"rollout success rate: {f['success_rate']:.3f} (95% CI {f['success_rate_ci_low']:.3f}-"
+                f"{f['success_rate_ci_high']:.3f}, round {self.rollout['final_round']}, labs "
+                f"{', '.join(lab['lab_id'] for lab in self.rollout['labs'])})"
+            )
         if self.release:
             out.append(f"release folder: {self.release['folder']} (dry_run={self.release.get('dry_run')})")
         out.extend(f"error: {e}" for e in self.errors)
@@ -83,6 +91,7 @@ def run_lineage(
     summary.snapshot = _output(training, "dataset_snapshot")
     summary.federated = _output(training, "federated_model")
     summary.registered = _output(training, "registered_model")
+    summary.rollout = _output(training, "rollout_evaluation")
 
     released = defs.resolve_job_def("release").execute_in_process(instance=instance, raise_on_error=False)
     if not released.success:

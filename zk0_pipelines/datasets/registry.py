@@ -38,6 +38,8 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, ValidationError, ValidationInfo, field_validator, model_validator
 
+from zk0_pipelines.datasets.sim_env import SimLab
+from zk0_pipelines.datasets.sim_expert import SimulationSpec
 from zk0_pipelines.datasets.synthetic import MOTIONS, SyntheticSpec
 
 SLUG_RE = re.compile(r"^[a-z0-9][a-z0-9_-]{0,63}$")
@@ -49,11 +51,13 @@ _KIND_FIELDS: dict[str, set[str]] = {
     "hub": {"repo_id", "revision"},
     "local": {"path"},
     "synthetic": {"seed", "task", "motion", "episodes", "frames_per_episode", "fps", "image_hw"},
+    "simulation": {"seed", "task", "episodes", "image_hw", "lab"},
 }
 _REQUIRED: dict[str, set[str]] = {
     "hub": {"repo_id", "revision"},
     "local": {"path"},
     "synthetic": {"seed", "task"},
+    "simulation": {"seed"},
 }
 
 
@@ -72,11 +76,12 @@ def slugify(text: str) -> str:
 
 
 class DatasetSource(BaseModel):
-    """Where a dataset comes from: ``hub`` (repo_id + pinned revision), ``local`` (path), ``synthetic``."""
+    """Where a dataset comes from: ``hub`` (repo_id + pinned revision), ``local`` (path), ``synthetic``,
+    ``simulation`` (scripted-expert episodes recorded in the SO-101 MuJoCo simulator, one ``lab``)."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    kind: Literal["hub", "local", "synthetic"]
+    kind: Literal["hub", "local", "synthetic", "simulation"]
     repo_id: str | None = None
     revision: str | None = None
     path: Path | None = None
@@ -87,6 +92,7 @@ class DatasetSource(BaseModel):
     frames_per_episode: int | None = None
     fps: int | None = None
     image_hw: tuple[int, int] | None = None
+    lab: dict[str, Any] | None = None
 
     @field_validator("repo_id")
     @classmethod
@@ -127,6 +133,8 @@ class DatasetSource(BaseModel):
                 object.__setattr__(self, "path", (Path(base) / self.path).resolve())
         if self.kind == "synthetic":
             self.synthetic_spec()  # raises ValueError on bad combinations
+        if self.kind == "simulation":
+            self.simulation_spec()
         return self
 
     def synthetic_spec(self) -> SyntheticSpec:
@@ -138,12 +146,32 @@ class DatasetSource(BaseModel):
         }
         return SyntheticSpec(**params)
 
+    def simulation_spec(self) -> SimulationSpec:
+        """The :class:`SimulationSpec` of a simulation source (defaults for fields left out)."""
+        if self.kind != "simulation":
+            raise ValueError(f"a {self.kind!r} source has no simulation spec")
+        params: dict[str, Any] = {
+            name: getattr(self, name)
+            for name in _KIND_FIELDS["simulation"]
+            if getattr(self, name) is not None
+        }
+        if "lab" in params:
+            try:
+                params["lab"] = SimLab(**params["lab"])
+            except TypeError as exc:
+                raise ValueError(
+                    f"lab: {exc} (known keys: {', '.join(SimLab.__dataclass_fields__)})"
+                ) from exc
+        return SimulationSpec(**params)
+
     def describe(self) -> str:
         """Short human-readable origin, e.g. ``hub:lerobot/x@v3.0``."""
         if self.kind == "hub":
             return f"hub:{self.repo_id}@{self.revision}"
         if self.kind == "local":
             return f"local:{self.path}"
+        if self.kind == "simulation":
+            return f"simulation:seed={self.seed}"
         return f"synthetic:seed={self.seed},motion={self.motion or 'reach'}"
 
 

@@ -4,6 +4,8 @@
   ``snapshot_download(repo_type="dataset", revision=<sha>, local_dir=...)`` fetches exactly that commit.
 - ``local``: the folder is copied; the revision is ``sha256:`` + a digest of relative paths and bytes.
 - ``synthetic``: the dataset is generated; the revision is ``synthetic:`` + the spec's fingerprint.
+- ``simulation``: scripted-expert episodes are recorded in the SO-101 simulator; the revision is
+  ``simulation:`` + the spec's fingerprint.
 
 The destination is built in a temporary sibling folder and swapped in at the end, so ``dest`` is
 either the complete new dataset or untouched. A dataset whose ``meta/info.json`` names a robot other
@@ -24,6 +26,7 @@ from pathlib import Path
 
 from zk0_pipelines.datasets.links import find_unsafe_links
 from zk0_pipelines.datasets.registry import DatasetEntry
+from zk0_pipelines.datasets.sim_expert import write_simulated_so100
 from zk0_pipelines.datasets.so100 import is_so100_family
 from zk0_pipelines.datasets.synthetic import write_synthetic_so100
 
@@ -181,6 +184,10 @@ def fetch_dataset(entry: DatasetEntry, dest: Path, *, keep_refused: bool = False
             spec = source.synthetic_spec()
             write_synthetic_so100(tmp, f"zk0/{entry.id}", spec)
             resolved = "synthetic:" + spec.fingerprint()
+        elif source.kind == "simulation":
+            sim_spec = source.simulation_spec()
+            write_simulated_so100(tmp, f"zk0/{entry.id}", sim_spec)
+            resolved = "simulation:" + sim_spec.fingerprint()
         else:  # pragma: no cover - guarded by the registry model
             raise DatasetFetchError(f"dataset {entry.id!r}: unknown source kind {source.kind!r}")
         result = FetchResult(

@@ -13,13 +13,16 @@ ingest_datasets = dg.define_asset_job(
 federated_training = dg.define_asset_job(
     name="federated_training",
     selection=dg.AssetSelection.assets(
-        "dataset_snapshot", "federated_model", "server_evaluation", "registered_model"
+        "dataset_snapshot", "federated_model", "server_evaluation", "registered_model", "rollout_evaluation"
     ),
-    description="DVC snapshot of data/ → Flower federated run → server evaluation → MLflow model version.",
+    description=(
+        "DVC snapshot of data/ → Flower federated run → server evaluation → MLflow model version → "
+        "rollouts in the simulator (skipped without a simulated eval lab)."
+    ),
 )
 
 release = dg.define_asset_job(
     name="release",
-    selection=dg.AssetSelection.assets("hub_release"),
+    selection=dg.AssetSelection.assets("hub_release", "release_rollout_evaluation"),
     description="Publish the latest registered model (pushed only if it is the champion and a token is set).",
 )

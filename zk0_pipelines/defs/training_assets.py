@@ -19,6 +19,7 @@ from zk0_pipelines.defs.resources import (
     PolicyResource,
 )
 from zk0_pipelines.defs.round_metrics import (
+    EVAL_METRICS,
     eval_columns_first,
     flatten_client,
     flatten_round,
@@ -233,7 +234,9 @@ def server_evaluation(
             "the federated run produced no server evaluation: check eval-every and eval datasets"
         )
     try:
-        summary = summarize_server_eval(rounds, promotion_metric(mlflow.promote_rule))
+        metric = promotion_metric(mlflow.promote_rule)
+        # the success rate comes from the simulator rollouts (rollout_evaluation): rank rounds by loss here
+        summary = summarize_server_eval(rounds, metric if metric in EVAL_METRICS else "eval_loss")
     except ValueError as exc:
         raise dg.Failure(f"server evaluation: {exc} (promote_rule={mlflow.promote_rule!r})") from exc
     run_dir = Path(federated_model["run_dir"])

@@ -37,10 +37,22 @@ CHALLENGER = "challenger"
 CHAMPION = "champion"
 EVAL_LOSS_TAG = "eval_loss"
 ACTION_MSE_TAG = "action_mse"
-PromoteRule = Literal["lower_eval_loss", "lower_action_mse", "always", "never"]
-PROMOTE_RULES: tuple[str, ...] = ("lower_eval_loss", "lower_action_mse", "always", "never")
-#: the server-evaluation metric each rule compares (``always``/``never`` report the eval loss)
-RULE_METRIC = {"lower_eval_loss": EVAL_LOSS_TAG, "lower_action_mse": ACTION_MSE_TAG}
+SUCCESS_RATE_TAG = "success_rate"
+PromoteRule = Literal["lower_eval_loss", "lower_action_mse", "higher_success_rate", "always", "never"]
+PROMOTE_RULES: tuple[str, ...] = (
+    "lower_eval_loss",
+    "lower_action_mse",
+    "higher_success_rate",
+    "always",
+    "never",
+)
+#: the metric each rule compares (``always``/``never`` report the eval loss); the success rate comes from
+#: the simulator rollouts, after registration (:meth:`ModelRegistry.decide_on_success_rate`)
+RULE_METRIC = {
+    "lower_eval_loss": EVAL_LOSS_TAG,
+    "lower_action_mse": ACTION_MSE_TAG,
+    "higher_success_rate": SUCCESS_RATE_TAG,
+}
 DEFAULT_BUSY_TIMEOUT_S = 20.0
 #: MLflow's SQLAlchemy store sets this per session on sqlite; ``busy_timeout_s`` rewrites it
 _MLFLOW_BUSY_PRAGMA = re.compile(r"^\s*PRAGMA\s+busy_timeout\s*=\s*\d+\s*;?\s*$", re.IGNORECASE)
@@ -113,7 +125,7 @@ class ModelVersionInfo:
 # Defaults and lineage helpers
 # ------------------------------------------------------------------------------------------------
 def promotion_metric(rule: str) -> str:
-    """The metric a promotion rule compares: ``action_mse`` for ``lower_action_mse``, else ``eval_loss``."""
+    """The metric a promotion rule compares: ``action_mse``, ``success_rate`` or (default) ``eval_loss``."""
     if rule not in PROMOTE_RULES:
         raise ValueError(f"promote_rule must be one of {'|'.join(PROMOTE_RULES)}, got {rule!r}")
     return RULE_METRIC.get(rule, EVAL_LOSS_TAG)
@@ -675,7 +687,13 @@ class ModelRegistry:
                 for key in (EVAL_LOSS_TAG, ACTION_MSE_TAG)
             }
             new = {EVAL_LOSS_TAG: loss, ACTION_MSE_TAG: mse}
-            promoted, decision = _decide(promote_rule, metric, new[metric], current, champ[metric])
+            if promote_rule == "higher_success_rate":
+                promoted, decision = (
+                    False,
+                    "kept as challenger until rollout_evaluation compares success rates",
+                )
+            else:
+                promoted, decision = _decide(promote_rule, metric, new[metric], current, champ[metric])
             version_tags["zk0.promotion.rule"] = promote_rule
             version_tags["zk0.promotion.metric"] = metric
             version_tags["zk0.promotion.decision"] = decision
@@ -703,6 +721,50 @@ class ModelRegistry:
             tags=dict(final.tags or {}),
         )
 
+    def decide_on_success_rate(
+        self, model_name: str, version: str, success_rate: float, extra_tags: Mapping[str, Any] | None = None
+    ) -> tuple[bool, str]:
+        """Tag ``version`` with its rollout success rate and promote it when it beats the champion's.
+
+        Higher wins (strictly); no champion, or a champion without a recorded success rate, is beaten by
+        any finite rate. Tags ``success_rate``, ``zk0.promotion.decision`` and
+        ``zk0.promotion.champion_success_rate``; returns ``(promoted, decision)``.
+        """
+        rate = float(success_rate)
+        with self._guard():
+            current = self.champion(model_name)
+            if current is not None and str(current.version) == str(version):
+                current = None  # already the champion (e.g. promoted by another rule): nothing to beat
+            champ_rate = _tag_float(current.tags.get(SUCCESS_RATE_TAG)) if current is not None else None
+            promoted, decision = _decide_higher(SUCCESS_RATE_TAG, rate, current, champ_rate)
+            tags = {SUCCESS_RATE_TAG: repr(rate), "zk0.promotion.decision": decision}
+            tags["zk0.promotion.champion_success_rate"] = (
+                repr(champ_rate) if champ_rate is not None else "none"
+            )
+            tags.update({str(k): _as_text(v) for k, v in (extra_tags or {}).items()})
+            for key, value in tags.items():
+                self.client.set_model_version_tag(model_name, str(version), key, value)
+            if promoted:
+                self.client.set_registered_model_alias(model_name, CHAMPION, str(version))
+        log.info("mlflow: %s v%s %s", model_name, version, decision)
+        return promoted, decision
+
+    def log_rollout(
+        self,
+        run_id: str,
+        rows: Sequence[Mapping[str, Any]],
+        videos: Sequence[tuple[Path, str]] = (),
+    ) -> None:
+        """Log rollout metrics (rows with ``round``, at ``step=round``) and (mp4, artifact folder) pairs."""
+        from mlflow.entities import Metric
+
+        metrics = self._round_metric_objs(rows, Metric, int(time.time() * 1000))
+        with self._guard():
+            for i in range(0, len(metrics), _BATCH_METRICS):
+                self.client.log_batch(run_id, metrics=metrics[i : i + _BATCH_METRICS])
+            for video, artifact_path in videos:
+                self.client.log_artifact(run_id, str(video), artifact_path=artifact_path)
+
     def download_version(self, model_name: str, alias_or_version: str, dst: Path) -> Path:
         """Download the folder of a registered version (by alias, e.g. ``champion``, or version number)."""
         import mlflow.artifacts
@@ -728,6 +790,19 @@ def _tag_float(value: str | None) -> float | None:
     except ValueError:
         return None
     return out if math.isfinite(out) else None
+
+
+def _decide_higher(metric: str, value: float, current, champ_value: float | None) -> tuple[bool, str]:
+    """Promotion decision where a higher ``metric`` wins (the rollout success rate)."""
+    if not math.isfinite(value):
+        return False, f"kept as challenger: {metric} is {value!r}"
+    if current is None:
+        return True, f"promoted: no champion yet ({metric}={value:.6g})"
+    if champ_value is None:
+        return True, f"promoted: champion v{current.version} has no recorded {metric} ({metric}={value:.6g})"
+    if value > champ_value:
+        return True, f"promoted: {metric} {value:.6g} > champion v{current.version} {champ_value:.6g}"
+    return False, f"kept as challenger: {metric} {value:.6g} <= champion v{current.version} {champ_value:.6g}"
 
 
 def _decide(
