@@ -57,6 +57,9 @@ class FederatedTrainingConfig(dg.Config):
     dp_clipping_norm: float = 1.0
     dp_delta: float = 1e-5
     dp_target_epsilon: float = Field(default=0.0, description="stop before ε exceeds this; 0 = no target")
+    lora_rank: int = Field(
+        default=0, description="> 0: train and send only rank-r LoRA adapters of SmolVLA's action expert"
+    )
     federation: str = Field(
         default="simulation",
         description=(

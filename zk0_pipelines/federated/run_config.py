@@ -116,6 +116,7 @@ FIELDS: tuple[Field, ...] = (
     Field("dp-clipping-norm", "dp_clipping_norm", float, 1.0, _greater(0.0), "L2 clip of each update"),
     Field("dp-delta", "dp_delta", float, 1e-5, _unit_interval(True), "delta of the reported (eps, delta)"),
     Field("dp-target-epsilon", "dp_target_epsilon", float, 0.0, _at_least(0.0), "stop before; 0 = none"),
+    Field("lora-rank", "lora_rank", int, 0, _at_least(0), "> 0: train/send only LoRA adapters"),
 )
 KEYS: tuple[str, ...] = tuple(f.key for f in FIELDS)
 _BY_KEY = {f.key: f for f in FIELDS}
@@ -167,6 +168,7 @@ class RunConfig:
     dp_clipping_norm: float
     dp_delta: float
     dp_target_epsilon: float
+    lora_rank: int
 
     @property
     def train_paths(self) -> list[Path]:
@@ -194,6 +196,7 @@ class RunConfig:
             chunk_size=self.chunk_size,
             n_action_steps=self.chunk_size,
             seed=self.seed,
+            lora_rank=self.lora_rank,
         )
 
     @property

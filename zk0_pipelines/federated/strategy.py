@@ -252,6 +252,8 @@ class _ZkStrategyMixin:
             row.update(
                 {"status": "rejected", "reason": reasons[i]} if i in reasons else {"status": "accepted"}
             )
+            if checks[i].norm is not None:
+                row["received-update-norm"] = float(checks[i].norm)
             self.observer("client-train", global_round, row)
         for entry in dropped:
             self.observer("client-train", global_round, {**entry, "status": "dropped"})
