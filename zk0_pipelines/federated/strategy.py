@@ -17,6 +17,8 @@
 5. Proximal-mu schedule (FedProx): ``RunConfig.proximal_mu_at`` of each global round is sent as
    ``proximal-mu`` in the train ``ConfigRecord``; clients add the proximal term with that value.
 6. Reply polling: ``start`` wraps Flower's grids (pull every 3 s / 0.1 s) in ``polling.PollingGrid``.
+7. Under central DP (``privacy`` module wraps this strategy) replies are weighted uniformly
+   (``uniform_weights``), and ``last_num_accepted`` tells the wrapper how many updates were averaged.
 
 Accepted replies are aggregated in a fixed client order (partition id, dataset), not in arrival order or
 by node id (random per launch), so float sums, and hence a resumed run, are bit-reproducible.
