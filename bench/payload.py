@@ -14,10 +14,12 @@ Counted: the serialized array bytes (``sum(len(Array.data))`` = ``wire.payload_b
 record, the size of its Flower protobuf (``serde.array_record_to_proto(...).ByteSize()``).
 Baseline (what ivelin/zk0 sends each way): every tensor of ``policy.state_dict()`` as a float32 numpy
 ``Array`` (counted the same two ways). Ratio = (down + up) / (2 x baseline), per client per round.
+LoRA (``lora-rank``): the same policy with ``policy.lora.add_lora_adapters`` (lerobot's default SmolVLA PEFT
+targets: the action expert's q/v projections and the state/action/time projections), float32 wire.
 
-    .venv/bin/python bench/payload.py [--keep]
+    .venv/bin/python bench/payload.py [--keep] [--lora-rank 16]
 
-Last line: ``payload_bf16: <ratio>`` (after ``payload_fp32: <ratio>``).
+Last line: ``payload_lora: <ratio>`` (after ``payload_fp32`` and ``payload_bf16``).
 """
 
 from __future__ import annotations
@@ -88,10 +90,12 @@ def main(argv: list[str] | None = None) -> int:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--keep", action="store_true", help="keep .zk0/bench/payload")
+    parser.add_argument("--lora-rank", type=int, default=16, help="LoRA rank of the adapters-only payload")
     args = parser.parse_args(argv)
     work = C.setup_env("payload")
     try:
         from zk0_pipelines.policy import count_parameters, trainable_state
+        from zk0_pipelines.policy.lora import add_lora_adapters
 
         t0 = time.perf_counter()
         vlm = C.ensure_real_size_vlm(work / "smolvlm2-500m-shape")
@@ -108,18 +112,25 @@ def main(argv: list[str] | None = None) -> int:
             f"{C.fmt_bytes(full_data)} array data, {C.fmt_bytes(full_proto)} protobuf"
         )
         state = trainable_state(policy)
+        lora_state = trainable_state(add_lora_adapters(policy, args.lora_rank))
+        lora_values = sum(t.numel() for t in lora_state.values())
+        print(f"LoRA rank {args.lora_rank}: {len(lora_state)} tensors, {lora_values / 1e6:.2f}M values")
         del policy
         gc.collect()
         results = {}
-        for wire_dtype in ("float32", "bfloat16"):
-            sizes = _wire_sizes(state, wire_dtype)
+        for label, wire_dtype, sent in (
+            ("float32", "float32", state),
+            ("bfloat16", "bfloat16", state),
+            (f"lora-r{args.lora_rank}", "float32", lora_state),
+        ):
+            sizes = _wire_sizes(sent, wire_dtype)
             per_client = sizes["down-data"] + sizes["up-data"]
             per_client_proto = sizes["down-proto"] + sizes["up-proto"]
             ratio = per_client / (2 * full_data)
             ratio_proto = per_client_proto / (2 * full_proto)
-            results[wire_dtype] = {**sizes, "ratio-data": ratio, "ratio-proto": ratio_proto}
+            results[label] = {**sizes, "ratio-data": ratio, "ratio-proto": ratio_proto}
             print(
-                f"{wire_dtype}: down {C.fmt_bytes(sizes['down-data'])} + up {C.fmt_bytes(sizes['up-data'])} "
+                f"{label}: down {C.fmt_bytes(sizes['down-data'])} + up {C.fmt_bytes(sizes['up-data'])} "
                 f"per client per round (protobuf {C.fmt_bytes(per_client_proto)}); "
                 f"ratio data {ratio:.4f}, protobuf {ratio_proto:.4f}"
             )
@@ -128,6 +139,7 @@ def main(argv: list[str] | None = None) -> int:
             {
                 "params-total": counts["total"],
                 "params-trainable": counts["trainable"],
+                "params-lora": lora_values,
                 "full-state-bytes": full_data,
                 "full-state-proto-bytes": full_proto,
                 **{f"{k}/{n}": v for k, r in results.items() for n, v in r.items()},
@@ -135,6 +147,7 @@ def main(argv: list[str] | None = None) -> int:
         )
         print(f"payload_fp32: {results['float32']['ratio-proto']:.3f}")
         print(f"payload_bf16: {results['bfloat16']['ratio-proto']:.3f}")
+        print(f"payload_lora: {results[f'lora-r{args.lora_rank}']['ratio-proto']:.4f}")
     finally:
         C.cleanup(work, args.keep)
     return 0

@@ -30,6 +30,7 @@ from zk0_pipelines.definitions import build_definitions, build_resources, defs
 from zk0_pipelines.defs.resources import DatasetRegistryResource, MlflowResource
 
 TRAIN_IDS = ("client_a", "client_b", "client_c")
+CLIP = 0.01  # DP clipping norm: below the tiny policy's local update norm, so clipping acts
 
 
 def test_definitions_load_and_connect_every_stage() -> None:
@@ -308,3 +309,53 @@ def test_reproduce_rebuilds_the_registered_version_bit_identically(
     # The data was restored into the reproduction's own workspace; the user's data/ is untouched.
     assert Path(report.workspace, "project", "data", "client_a", "meta", "info.json").is_file()
     assert yaml.safe_load((demo_run.workspace / "data.dvc").read_text()) == data_before
+
+
+def test_a_dp_lora_run_goes_through_the_assets_and_registers_its_epsilon(
+    demo_run: DemoRun, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Central DP (client-side clipping) with LoRA adapters on the demo data: ε per round in MLflow, on the
+    version's tags and in the model card; a target ε between rounds 2 and 3 stops the run after round 2;
+    only adapters travel and the exported folder is a plain SmolVLA."""
+    from mlflow import MlflowClient
+
+    from zk0_pipelines.federated.privacy import EpsilonAccountant, PrivacySpec
+    from zk0_pipelines.policy.export import load_policy_folder
+    from zk0_pipelines.policy.lora import has_lora
+
+    monkeypatch.setenv("ZK0_ROOT", str(demo_run.workspace))
+    spec = PrivacySpec("central-client-clip", 2.0, CLIP, 1e-4, 0.0, len(TRAIN_IDS), len(TRAIN_IDS))
+    eps = EpsilonAccountant(spec).epsilon_after
+    dp = {"dp": spec.mode, "dp_noise_multiplier": 2.0, "dp_clipping_norm": CLIP, "dp_delta": 1e-4}
+    config = {"num_server_rounds": 3, "local_steps": 1, "learning_rate": 1e-3, "lora_rank": 4, **dp}
+    result = (
+        build_definitions(demo_run.resources)
+        .resolve_job_def("federated_training")
+        .execute_in_process(
+            instance=demo_run.instance,
+            run_config={
+                "ops": {"federated_model": {"config": {**config, "dp_target_epsilon": (eps(2) + eps(3)) / 2}}}
+            },
+        )
+    )
+    assert result.success
+    registered = result.output_for_node("registered_model")
+    client = MlflowClient(demo_run.resources["mlflow"].registry().tracking_uri)
+    history = {m.step: m.value for m in client.get_metric_history(registered["run_id"], "dp_epsilon")}
+    assert history == pytest.approx({1: eps(1), 2: eps(2)}, rel=1e-9)  # round 3 would exceed the target
+    version = client.get_model_version(registered["model_name"], registered["version"])
+    assert float(version.tags["privacy.epsilon"]) == pytest.approx(eps(2), rel=1e-9)
+    assert float(version.tags["privacy.delta"]) == 1e-4
+    assert "client-side fixed clipping" in version.tags["privacy.mechanism"]
+    federated = result.output_for_node("federated_model")
+    card = (Path(federated["final_checkpoint"]) / "README.md").read_text()
+    assert f"ε = {eps(2):.4g} at δ = 0.0001" in card
+    assert [r["round"] for r in federated["rounds"]] == [0, 1, 2]
+    received = [c["received_update_norm"] for c in federated["clients"] if "received_update_norm" in c]
+    trained = [c["client_update_norm"] for c in federated["clients"] if "client_update_norm" in c]
+    assert len(received) == 2 * len(TRAIN_IDS) and max(received) <= CLIP * (1 + 1e-5)  # clipped
+    assert max(trained) > CLIP  # ... by the clients' fixedclipping_mod: local training moved further
+    full = demo_run.summary.federated["rounds"][1]["payload_bytes_down_per_client"]
+    assert federated["rounds"][1]["payload_bytes_down_per_client"] < 0.1 * full  # adapters only
+    policy, _, _ = load_policy_folder(Path(federated["final_checkpoint"]))
+    assert not has_lora(policy)

@@ -33,7 +33,27 @@ def lineage_tags(federated_model: dict[str, Any]) -> dict[str, str]:
     }
     tags.update({f"revision.{d['id']}": str(d["resolved_revision"]) for d in datasets})
     tags.update({f"version.{k}": v for k, v in library_versions().items()})
+    tags.update(privacy_tags(federated_model))
     return tags
+
+
+def privacy_tags(federated_model: dict[str, Any]) -> dict[str, str]:
+    """``privacy.*`` tags: the DP mechanism and, with DP on, σ, C, δ and the ε the run spent."""
+    from zk0_pipelines.federated.privacy import ACCOUNTANT, MECHANISMS
+
+    config = federated_model["config"]
+    mode = str(config.get("dp", "none"))
+    if mode == "none":
+        return {"privacy.mechanism": "none"}
+    spent = [r["dp_epsilon"] for r in federated_model["rounds"] if r.get("dp_epsilon") is not None]
+    return {
+        "privacy.mechanism": MECHANISMS[mode],
+        "privacy.epsilon": repr(float(spent[-1])) if spent else "none",
+        "privacy.delta": repr(float(config["dp-delta"])),
+        "privacy.noise_multiplier": repr(float(config["dp-noise-multiplier"])),
+        "privacy.clipping_norm": repr(float(config["dp-clipping-norm"])),
+        "privacy.accountant": ACCOUNTANT,
+    }
 
 
 @dg.asset(

@@ -47,6 +47,20 @@ class FederatedTrainingConfig(dg.Config):
     eval_every: int = 1
     chunk_size: int = 10
     wire_dtype: str = "float32"
+    dp: str = Field(
+        default="none",
+        description=(
+            "central differential privacy: 'none', 'central-client-clip' (clients clip their update) or "
+            "'central-server-clip' (the server clips each update); Gaussian noise on the aggregate"
+        ),
+    )
+    dp_noise_multiplier: float = 1.0
+    dp_clipping_norm: float = 1.0
+    dp_delta: float = 1e-5
+    dp_target_epsilon: float = Field(default=0.0, description="stop before ε exceeds this; 0 = no target")
+    lora_rank: int = Field(
+        default=0, description="> 0: train and send only rank-r LoRA adapters of SmolVLA's action expert"
+    )
     federation: str = Field(
         default="simulation",
         description=(

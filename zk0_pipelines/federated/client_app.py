@@ -13,6 +13,10 @@ Handlers:
   update (bfloat16 wire) and metrics (incl. ``lr``, the optimizer's learning rate). Faults named by the
   tests-only ``inject-faults`` key are applied here (``faults`` module).
 - ``evaluate``: seeded flow-matching loss of the received weights on the local dataset.
+
+Mod ``dp_clipping_mod``: with ``dp = central-client-clip`` the server's train config carries
+``clipping_norm`` and Flower's ``fixedclipping_mod`` clips the reply's update to it before it leaves the
+client (``privacy`` module).
 """
 
 from __future__ import annotations
@@ -23,8 +27,10 @@ import logging
 import time
 from pathlib import Path
 
-from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.app import ConfigRecord, Context, Message, MessageType, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
+from flwr.clientapp.mod import fixedclipping_mod
+from flwr.supercore.differential_privacy import KEY_CLIPPING_NORM
 
 from zk0_pipelines.federated import task, wire
 from zk0_pipelines.federated.faults import InjectedFault, faults_for
@@ -32,7 +38,16 @@ from zk0_pipelines.federated.run_config import RunConfig, parse_run_config
 
 log = logging.getLogger(__name__)
 
-app = ClientApp()
+
+def dp_clipping_mod(msg: Message, context: Context, call_next) -> Message:
+    """Flower's ``fixedclipping_mod`` on train messages carrying a clipping norm (``central-client-clip``)."""
+    conf = msg.content.config_records.get("config")
+    if msg.metadata.message_type == MessageType.TRAIN and conf is not None and KEY_CLIPPING_NORM in conf:
+        return fixedclipping_mod(msg, context, call_next)
+    return call_next(msg, context)
+
+
+app = ClientApp(mods=[dp_clipping_mod])
 
 INFO_KEY = "client-info"
 

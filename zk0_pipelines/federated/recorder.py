@@ -130,7 +130,7 @@ class RunRecorder:
             payload = dict(payload)
             entry["train"] = payload.pop("metrics")
             entry.update(payload)
-        elif kind == "evaluate-dropped":
+        elif kind in ("evaluate-dropped", "privacy"):
             self.round_entry(server_round).update(payload)
         self.write()
 

@@ -22,6 +22,7 @@ WIRE_DTYPES = ("float32", "bfloat16")
 DEVICES = ("cpu", "cuda", "mps")
 LR_SCHEDULES = ("constant", "cosine", "step")
 MU_SCHEDULES = ("constant", "linear", "step")
+DP_MODES = ("none", "central-client-clip", "central-server-clip")
 
 
 @dataclass(frozen=True)
@@ -110,6 +111,12 @@ FIELDS: tuple[Field, ...] = (
     Field("quorum-timeout-s", "quorum_timeout_s", float, 600.0, _greater(0.0), "wait for the quorum"),
     Field("resume", "resume", bool, False, None, "continue from the last checkpoint in output-dir"),
     Field("inject-faults", "inject_faults", str, "", _faults, "TESTS ONLY: kind:partition@round,..."),
+    Field("dp", "dp", str, "none", _one_of(DP_MODES), "central DP: none | client- or server-side clipping"),
+    Field("dp-noise-multiplier", "dp_noise_multiplier", float, 1.0, _greater(0.0), "sigma (noise / clip)"),
+    Field("dp-clipping-norm", "dp_clipping_norm", float, 1.0, _greater(0.0), "L2 clip of each update"),
+    Field("dp-delta", "dp_delta", float, 1e-5, _unit_interval(True), "delta of the reported (eps, delta)"),
+    Field("dp-target-epsilon", "dp_target_epsilon", float, 0.0, _at_least(0.0), "stop before; 0 = none"),
+    Field("lora-rank", "lora_rank", int, 0, _at_least(0), "> 0: train/send only LoRA adapters"),
 )
 KEYS: tuple[str, ...] = tuple(f.key for f in FIELDS)
 _BY_KEY = {f.key: f for f in FIELDS}
@@ -156,6 +163,12 @@ class RunConfig:
     quorum_timeout_s: float
     resume: bool
     inject_faults: str
+    dp: str
+    dp_noise_multiplier: float
+    dp_clipping_norm: float
+    dp_delta: float
+    dp_target_epsilon: float
+    lora_rank: int
 
     @property
     def train_paths(self) -> list[Path]:
@@ -183,6 +196,7 @@ class RunConfig:
             chunk_size=self.chunk_size,
             n_action_steps=self.chunk_size,
             seed=self.seed,
+            lora_rank=self.lora_rank,
         )
 
     @property
@@ -302,6 +316,13 @@ def parse_run_config(values: Mapping[str, Any], *, fill_defaults: bool = True) -
             f"run config key 'lr-min' ({cfg.lr_min}) must be < 'learning-rate' ({cfg.learning_rate}) "
             "with lr-schedule 'cosine'"
         )
+    if cfg.dp != "none" and cfg.wire_dtype != "float32":
+        raise ValueError(
+            f"run config key 'wire-dtype' is '{cfg.wire_dtype}' but dp is '{cfg.dp}': central DP clips and "
+            "noises float32 weights (Flower's clipping works on numpy arrays, which have no bfloat16)"
+        )
+    if cfg.dp != "none" and cfg.dp_delta >= 1.0:
+        raise ValueError(f"run config key 'dp-delta' must be < 1 with dp '{cfg.dp}', got {cfg.dp_delta}")
     return cfg
 
 

@@ -15,6 +15,10 @@ Order of a run (``run_server``):
    a checkpoint and ``metrics.json`` (``recorder`` doc); the best rounds by each metric are recorded at the
    end (``best_rounds``);
 5. export the final global policy to ``<output-dir>/final``.
+
+With ``dp`` != none the strategy is wrapped in Flower's central-DP fixed-clipping wrapper (``privacy``
+module): ε after every round is recorded as ``dp-epsilon``, and ``dp-target-epsilon`` stops the run after
+the last round that keeps ε within the target (``dp-stopped-early`` in metrics.json).
 """
 
 from __future__ import annotations
@@ -33,10 +37,10 @@ from flwr.app import ConfigRecord, Context, Message, MessageType, MetricRecord, 
 from flwr.serverapp import Grid, ServerApp
 from flwr.serverapp.strategy import Result
 
+from zk0_pipelines.federated import privacy, task, wire
 from zk0_pipelines.federated import recorder as rec
-from zk0_pipelines.federated import task, wire
 from zk0_pipelines.federated.run_config import RunConfig, parse_run_config
-from zk0_pipelines.federated.strategy import ClientFailure, make_strategy
+from zk0_pipelines.federated.strategy import ClientFailure, make_strategy, sample_size
 
 log = logging.getLogger(__name__)
 
@@ -195,6 +199,7 @@ def model_card(
     reports: list[ClientReport],
     eval_loss: float | None,
     action_mse: float | None = None,
+    epsilon: float | None = None,
 ) -> str:
     """Short markdown card for exported folders."""
     lines = [
@@ -212,6 +217,14 @@ def model_card(
         lines.append(f"- server eval loss (seeded flow matching): {eval_loss:.6f}")
     if action_mse is not None:
         lines.append(f"- server eval action MSE (predicted chunks, raw units): {action_mse:.6g}")
+    if cfg.dp != "none":
+        spent = f"ε = {epsilon:.4g}" if epsilon is not None else "ε not yet spent"
+        lines.append(
+            f"- differential privacy: {privacy.MECHANISMS[cfg.dp]}; "
+            f"noise multiplier {cfg.dp_noise_multiplier}, "
+            f"clipping norm {cfg.dp_clipping_norm}; {spent} at δ = {cfg.dp_delta:g} ({privacy.ACCOUNTANT}, "
+            "one client = one unit of privacy)"
+        )
     return "\n".join(lines) + "\n"
 
 
@@ -320,7 +333,12 @@ def _run(
     evaluator = ServerEvaluator(cfg, policy, preprocessor, features, postprocessor)
     startup["server-build-s"] = time.perf_counter() - t0
     recorder.set("startup", startup)
-    last = {"state": {k: v.clone() for k, v in state.items()}, "eval": None, "action-mse": None}
+    last = {
+        "state": {k: v.clone() for k, v in state.items()},
+        "eval": None,
+        "action-mse": None,
+        "epsilon": None,
+    }
     round_info = {
         "strategy": cfg.strategy,
         "run-config": cfg.to_dict(),
@@ -356,7 +374,9 @@ def _run(
                 postprocessor=postprocessor,
                 trainable=current,
                 round_info=round_info,
-                card_markdown=model_card(cfg, global_round, reports, last["eval"], last["action-mse"]),
+                card_markdown=model_card(
+                    cfg, global_round, reports, last["eval"], last["action-mse"], last["epsilon"]
+                ),
             )
             values["checkpoint"] = str(folder)
         last["state"] = current
@@ -364,15 +384,35 @@ def _run(
         return MetricRecord(metrics) if metrics else None
 
     clients = {r.node_id: {"dataset": r.dataset, "partition-id": r.partition_id} for r in reports}
-    strategy = make_strategy(
-        cfg, recorder.observe, num_nodes=len(node_ids), round_offset=offset, clients=clients
-    )
+
+    def observe(kind: str, global_round: int, payload: dict[str, Any]) -> None:
+        if kind == "privacy":
+            last["epsilon"] = payload["dp-epsilon"]
+        recorder.observe(kind, global_round, payload)
+
+    strategy = make_strategy(cfg, observe, num_nodes=len(node_ids), round_offset=offset, clients=clients)
+    num_rounds = cfg.num_server_rounds - offset
+    if cfg.dp != "none":
+        spec = privacy.PrivacySpec.from_run_config(
+            cfg, sample_size=sample_size(cfg, len(node_ids)), population=len(node_ids)
+        )
+        strategy = privacy.wrap_strategy(strategy, spec, observe, round_offset=offset)
+        num_rounds = privacy.rounds_within_budget(spec, num_rounds, start=offset)
+        recorder.set("privacy", {"mechanism": privacy.MECHANISMS[cfg.dp], "accountant": privacy.ACCOUNTANT})
+        if num_rounds == 0:
+            raise ValueError(
+                f"run config key 'dp-target-epsilon' ({cfg.dp_target_epsilon}) is below the ε of a single "
+                f"round ({privacy.EpsilonAccountant(spec).epsilon_after(offset + 1):.4g}): no round can run"
+            )
+        if num_rounds < cfg.num_server_rounds - offset:
+            recorder.set("dp-stopped-early", offset + num_rounds)
+            log.info("dp-target-epsilon: stopping after global round %d", offset + num_rounds)
     # stats as UTF-8 JSON bytes: Flower logs bytes as <bytes> instead of printing the whole table
     run_conf = {"frozen-fingerprint": fingerprint, "norm-stats": stats_json.encode()}
     result = strategy.start(
         grid=grid,
         initial_arrays=wire.encode_state(state, "float32"),
-        num_rounds=cfg.num_server_rounds - offset,
+        num_rounds=num_rounds,
         timeout=cfg.round_timeout_s,
         train_config=ConfigRecord(dict(run_conf)),
         evaluate_config=ConfigRecord(dict(run_conf)),
@@ -385,7 +425,9 @@ def _run(
         preprocessor,
         postprocessor,
         output_dir / rec.FINAL_DIR,
-        card_markdown=model_card(cfg, cfg.num_server_rounds, reports, last["eval"], last["action-mse"]),
+        card_markdown=model_card(
+            cfg, offset + num_rounds, reports, last["eval"], last["action-mse"], last["epsilon"]
+        ),
         overwrite=True,
     )
     recorder.finish("completed", final=str(final), **best_rounds(recorder.data["rounds"]))

@@ -17,6 +17,8 @@
 5. Proximal-mu schedule (FedProx): ``RunConfig.proximal_mu_at`` of each global round is sent as
    ``proximal-mu`` in the train ``ConfigRecord``; clients add the proximal term with that value.
 6. Reply polling: ``start`` wraps Flower's grids (pull every 3 s / 0.1 s) in ``polling.PollingGrid``.
+7. Under central DP (``privacy`` module wraps this strategy) replies are weighted uniformly
+   (``uniform_weights``), and ``last_num_accepted`` tells the wrapper how many updates were averaged.
 
 Accepted replies are aggregated in a fixed client order (partition id, dataset), not in arrival order or
 by node id (random per launch), so float sums, and hence a resumed run, are bit-reproducible.
@@ -75,6 +77,11 @@ def describe(entry: Mapping[str, Any]) -> str:
     return f"{name} (node {entry['node-id']}): {entry['reason']}"
 
 
+def polling(grid: Grid) -> Grid:
+    """Flower's deployment / simulation grids wrapped in a ``PollingGrid``; other (test) grids as they are."""
+    return PollingGrid(grid) if isinstance(grid, HttpGrid | InMemoryGrid) else grid
+
+
 class _ZkStrategyMixin:
     """Mixin over Flower's FedAvg/FedProx (see module doc)."""
 
@@ -89,6 +96,7 @@ class _ZkStrategyMixin:
         learning_rate_at: Callable[[int], float] | None = None,
         proximal_mu_at: Callable[[int], float] | None = None,
         clients: Mapping[int, Mapping[str, Any]] | None = None,
+        uniform_weights: bool = False,
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
@@ -101,6 +109,8 @@ class _ZkStrategyMixin:
         self.learning_rate_at = learning_rate_at
         self.proximal_mu_at = proximal_mu_at
         self.clients = dict(clients or {})
+        self.uniform_weights = uniform_weights
+        self.last_num_accepted = 0
         self._master: ArrayRecord | None = None
         self._sampled: dict[str, list[int]] = {"train": [], "evaluate": []}
         self._sent: dict[str, list[Message]] = {"train": [], "evaluate": []}
@@ -108,9 +118,7 @@ class _ZkStrategyMixin:
     def start(self, grid: Grid, initial_arrays: ArrayRecord, *args: Any, **kwargs: Any) -> Any:
         """Flower's ``start`` over a :class:`~zk0_pipelines.federated.polling.PollingGrid`: replies are seen
         within milliseconds instead of after Flower's pull interval (deployment 3 s, simulation 0.1 s)."""
-        if isinstance(grid, HttpGrid | InMemoryGrid):  # deployment / simulation grids; test grids as they are
-            grid = PollingGrid(grid)
-        return super().start(grid, initial_arrays, *args, **kwargs)
+        return super().start(polling(grid), initial_arrays, *args, **kwargs)
 
     def _to_wire(self, arrays: ArrayRecord) -> ArrayRecord:
         if self.wire_dtype == "float32":
@@ -198,12 +206,13 @@ class _ZkStrategyMixin:
         self, reference: dict[str, torch.Tensor], checks: list[validation.ReplyCheck]
     ) -> tuple[aggregate.OutputState, aggregate.PassResult]:
         """One fused pass: ``reference + sum_i w_i update_i`` over ``checks`` (in order) and their norms."""
-        total = math.fsum(c.weight for c in checks)
+        weights = [1.0 if self.uniform_weights else c.weight for c in checks]
+        total = math.fsum(weights)
         out = aggregate.OutputState({name: tuple(self._master[name].shape) for name in reference})
         result = aggregate.fused_pass(
             reference,
             [c.views for c in checks],
-            [c.weight / total for c in checks],
+            [w / total for w in weights],
             replies_are_updates=self.wire_dtype == "bfloat16",
             out=out,
         )
@@ -245,6 +254,8 @@ class _ZkStrategyMixin:
             row.update(
                 {"status": "rejected", "reason": reasons[i]} if i in reasons else {"status": "accepted"}
             )
+            if checks[i].norm is not None:
+                row["received-update-norm"] = float(checks[i].norm)
             self.observer("client-train", global_round, row)
         for entry in dropped:
             self.observer("client-train", global_round, {**entry, "status": "dropped"})
@@ -268,6 +279,7 @@ class _ZkStrategyMixin:
         arrays = out.seal()
         if not result.finite:
             raise FloatingPointError(f"train round {global_round}: the aggregated model is not finite")
+        self.last_num_accepted = len(accepted)
         metrics = self.train_metrics_aggr_fn([m.content for m in accepted], self.weighted_by_key)
         self.observer("aggregate-train", global_round, {**summary, "metrics": dict(metrics or {})})
         return arrays, metrics
@@ -337,7 +349,14 @@ def make_strategy(
         "learning_rate_at": cfg.learning_rate_at,
         "proximal_mu_at": cfg.proximal_mu_at,
         "clients": clients,
+        "uniform_weights": cfg.dp != "none",
     }
     if cfg.strategy == "fedprox":
         return ZkFedProx(proximal_mu=cfg.proximal_mu, **kwargs)
     return ZkFedAvg(**kwargs)
+
+
+def sample_size(cfg, num_nodes: int) -> int:
+    """Clients sampled per train round (Flower's FedAvg rule with ``make_strategy``'s minimum)."""
+    sample_min = min(max(cfg.quorum, cfg.min_available_clients), num_nodes)
+    return min(num_nodes, max(int(num_nodes * cfg.fraction_train), sample_min))

@@ -28,6 +28,8 @@ import shutil
 import tempfile
 from pathlib import Path
 
+from zk0_pipelines.policy.lora import has_lora, merged_copy
+
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
 PREPROCESSOR_FILE = "policy_preprocessor.json"
@@ -78,6 +80,8 @@ def export_policy_folder(
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
     try:
+        if has_lora(policy):  # LoRA adapters merged into their base layers: a plain SmolVLA folder
+            policy = merged_copy(policy)
         policy.save_pretrained(tmp)
         preprocessor.save_pretrained(tmp)
         postprocessor.save_pretrained(tmp)

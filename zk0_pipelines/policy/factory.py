@@ -50,6 +50,7 @@ class PolicySpec:
         chunk_size: Length of the predicted action chunk.
         n_action_steps: Actions executed per chunk by ``select_action`` (``<= chunk_size``).
         seed: Seed of the random initialisation (tiny) / of the non-pretrained heads (pretrained).
+        lora_rank: > 0: only rank-``lora_rank`` LoRA adapters of the action expert train (``lora`` module).
     """
 
     source: Literal["tiny", "pretrained"] = "tiny"
@@ -59,11 +60,12 @@ class PolicySpec:
     chunk_size: int = 10
     n_action_steps: int = 10
     seed: int = 0
+    lora_rank: int = 0
 
     def __post_init__(self) -> None:
         if self.source not in SOURCES:
             raise ValueError(f"PolicySpec.source must be one of {SOURCES}, got {self.source!r}")
-        for name in ("chunk_size", "n_action_steps", "seed"):
+        for name in ("chunk_size", "n_action_steps", "seed", "lora_rank"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool):
                 raise ValueError(f"PolicySpec.{name} must be an int, got {value!r}")
@@ -170,6 +172,10 @@ def build_policy(spec: PolicySpec, ds_meta) -> SmolVLAPolicy:
                 f"Cannot build SmolVLA from {_where(spec)} (VLM backbone '{cfg.vlm_model_name}'): "
                 f"{type(exc).__name__}: {exc}"
             ) from exc
+    if spec.lora_rank > 0:
+        from zk0_pipelines.policy.lora import add_lora_adapters
+
+        add_lora_adapters(policy, spec.lora_rank)
     return policy
 
 
