@@ -37,7 +37,7 @@ def write_community(
 ) -> Path:
     """A v3.0 SO-100/101 dataset whose top/wrist cameras are named ``cameras[TOP]``/``cameras[WRIST]``.
 
-    ``extra`` adds more cameras (a mirrored top view each).
+    ``extra`` adds more cameras (a mirrored top view each); a camera left out of ``cameras`` is not recorded.
     """
     from zk0_pipelines.datasets.so100 import so100_features
     from zk0_pipelines.datasets.synthetic import SyntheticSpec, synthesize_episodes, write_so100_episodes
@@ -49,10 +49,10 @@ def write_community(
     base = so100_features(spec.image_hw)
     features = {k: v for k, v in base.items() if k not in (TOP, WRIST)}
     for ep in eps:
-        images = {cameras[key]: ep.images[key] for key in (TOP, WRIST)}
+        images = {cameras[key]: ep.images[key] for key in (TOP, WRIST) if key in cameras}
         images.update({name: np.ascontiguousarray(ep.images[TOP][:, :, ::-1]) for name in extra})
         ep.images = images
-    for name in (cameras[TOP], cameras[WRIST], *extra):
+    for name in (*cameras.values(), *extra):
         features[name] = dict(base[TOP])
     return write_so100_episodes(
         root, f"community/{root.name}", spec.fps, eps, features=features, robot_type=robot_type
