@@ -7,7 +7,12 @@ from pathlib import Path
 import pytest
 import yaml
 
-from zk0_pipelines.datasets.cameras import CameraMappingError, parse_mapping, resolve_cameras
+from zk0_pipelines.datasets.cameras import (
+    CameraMappingError,
+    export_rename_map,
+    parse_mapping,
+    resolve_cameras,
+)
 from zk0_pipelines.datasets.discovery import discovered_cameras
 from zk0_pipelines.datasets.registry import load_registry
 
@@ -95,3 +100,17 @@ def test_discovery_writes_the_automatic_map_only_where_it_renames() -> None:
     }
     assert discovered_cameras({"features": _features("top", "wrist")}) is None
     assert discovered_cameras({"features": _features("front")}) is None
+
+
+def test_export_rename_map_keeps_the_pairs_that_do_not_conflict() -> None:
+    laptop, phone, cam = "observation.images.laptop", "observation.images.phone", "observation.images.cam"
+    merged = export_rename_map(
+        [
+            {laptop: TOP, phone: WRIST},
+            {TOP: TOP, WRIST: WRIST},
+            {cam: TOP, laptop: TOP},
+            {WRIST: TOP, TOP: WRIST},
+        ]
+    )
+    assert merged == {cam: TOP, laptop: TOP, phone: WRIST}
+    assert export_rename_map([{cam: TOP}, {cam: WRIST}]) == {}

@@ -205,3 +205,6 @@ def test_one_federated_round_with_a_renamed_camera_client_and_a_converted_v21_cl
     assert cameras["old-v21"]["observation.images.gripper"] == WRIST
     card = (res.final_checkpoint / "README.md").read_text()
     assert "laptop-phone cameras (registry)" in card
+    processor = json.loads((res.final_checkpoint / "policy_preprocessor.json").read_text())
+    (rename,) = [s["config"]["rename_map"] for s in processor["steps"] if "rename_map" in s.get("config", {})]
+    assert rename[LAPTOP] == TOP and rename["observation.images.gripper"] == WRIST

@@ -210,6 +210,25 @@ def _auto(found: list[str], listed: str) -> dict[str, str]:
     return rename
 
 
+def export_rename_map(renames: list[Mapping[str, str]]) -> dict[str, str]:
+    """The ``rename_map`` an exported model carries: every client's renaming pairs that do not conflict.
+
+    A camera name that two clients map to different inputs, or that is itself a policy input name (a
+    swap), is left out; identity pairs are not needed. A robot whose cameras are named as in one of the
+    training datasets can then run the exported model as is.
+    """
+    merged: dict[str, str] = {}
+    conflicting: set[str] = set()
+    for rename in renames:
+        for src, dst in rename.items():
+            if src == dst:
+                continue
+            if src in CAMERA_KEYS or merged.get(src, dst) != dst:
+                conflicting.add(src)
+            merged[src] = dst
+    return {src: dst for src, dst in sorted(merged.items()) if src not in conflicting}
+
+
 def recorded_camera_map(root: Path) -> CameraMap | None:
     """The camera map recorded in an admitted dataset's provenance file, if any."""
     path = Path(root) / PROVENANCE_FILE

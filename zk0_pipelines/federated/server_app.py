@@ -33,6 +33,7 @@ from flwr.app import ConfigRecord, Context, Message, MessageType, MetricRecord, 
 from flwr.serverapp import Grid, ServerApp
 from flwr.serverapp.strategy import Result
 
+from zk0_pipelines.datasets.cameras import export_rename_map
 from zk0_pipelines.datasets.so100 import CAMERA_KEYS as POLICY_CAMERAS
 from zk0_pipelines.federated import recorder as rec
 from zk0_pipelines.federated import task, wire
@@ -224,8 +225,8 @@ def model_card(
         f"- local steps {cfg.local_steps}, batch {cfg.batch_size}, lr {cfg.learning_rate} "
         f"({cfg.lr_schedule} schedule), seed {cfg.seed}",
         f"- normalisation: {NORMALIZATION_RULE}",
-        f"- image inputs: {', '.join(POLICY_CAMERAS)}; a robot or dataset naming its cameras otherwise "
-        "passes lerobot's rename_map (the preprocessor's rename_observations step)",
+        f"- image inputs: {', '.join(POLICY_CAMERAS)}; the preprocessor's rename_observations step "
+        "(lerobot rename_map) carries the clients' camera renaming where it does not conflict",
     ]
     for r in reports:
         rename = (r.cameras or {}).get("rename") or {}
@@ -318,6 +319,9 @@ def _run(
 
     policy = build_policy(cfg.policy_spec(), task.PolicyMeta(features=features, stats=stats))
     preprocessor, postprocessor = build_processors(policy, stats)
+    export_rename = export_rename_map([(r.cameras or {}).get("rename") or {} for r in reports])
+    # what checkpoints and the final folder carry: the clients' camera renaming (lerobot rename_map)
+    export_preprocessor = build_processors(policy, stats, export_rename)[0] if export_rename else preprocessor
     fingerprint = frozen_fingerprint(policy)
     state = trainable_state(policy)
     recorder.set(
@@ -377,7 +381,7 @@ def _run(
                 output_dir,
                 global_round,
                 policy=policy,
-                preprocessor=preprocessor,
+                preprocessor=export_preprocessor,
                 postprocessor=postprocessor,
                 trainable=current,
                 round_info=round_info,
@@ -407,7 +411,7 @@ def _run(
         load_trainable_state(policy, wire.decode_state(result.arrays))
     final = export_policy_folder(
         policy,
-        preprocessor,
+        export_preprocessor,
         postprocessor,
         output_dir / rec.FINAL_DIR,
         card_markdown=model_card(cfg, cfg.num_server_rounds, reports, last["eval"], last["action-mse"]),
