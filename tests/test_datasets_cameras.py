@@ -114,3 +114,23 @@ def test_export_rename_map_keeps_the_pairs_that_do_not_conflict() -> None:
     )
     assert merged == {cam: TOP, laptop: TOP, phone: WRIST}
     assert export_rename_map([{cam: TOP}, {cam: WRIST}]) == {}
+
+
+def test_lineage_tags_record_camera_maps_and_conversions() -> None:
+    from zk0_pipelines.defs.release_assets import dataset_lineage_tags
+
+    conversion = {
+        "source_version": "v2.1",
+        "target_version": "v3.0",
+        "converter": "lerobot.scripts.convert_dataset_v21_to_v30",
+        "converter_version": "lerobot 0.6.1",
+    }
+    tags = dataset_lineage_tags(
+        [
+            {"id": "a", "cameras": {"observation.images.laptop": TOP, "observation.images.phone": WRIST}},
+            {"id": "b", "cameras": {TOP: TOP, WRIST: WRIST}, "conversion": conversion},
+        ]
+    )
+    assert tags["cameras.a"] == "laptop=top,phone=wrist" and tags["cameras.b"] == "top=top,wrist=wrist"
+    assert tags["converted.b"].startswith("v2.1->v3.0 by lerobot.scripts.convert_dataset_v21_to_v30")
+    assert "converted.a" not in tags
