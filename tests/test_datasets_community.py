@@ -139,6 +139,7 @@ def ingested(community: Community, tmp_path_factory: pytest.TempPathFactory) -> 
             )
             for dataset_id in ids
         }
+        mp.undo()  # ZK0_ROOT only while ingesting: Ray's socket paths under a pytest tmp root are too long
         yield Ingested(workspace, results)
 
 
