@@ -165,7 +165,6 @@ class ServerEvaluator:
         self.postprocessor = postprocessor
         self.datasets: dict[str, Any] = {}
         self.preprocessors: dict[str, Any] = {}
-        self.cameras: dict[str, dict[str, str]] = {}
         for index, root in enumerate(cfg.eval_paths):
             meta = task.open_metadata(root)
             eval_features, _, cameras = task.policy_view(root, meta)
@@ -174,7 +173,6 @@ class ServerEvaluator:
             )
             name = root.name if root.name not in self.datasets else f"{root.name}-{index}"
             self.datasets[name] = task.open_dataset(root, policy, meta)
-            self.cameras[name] = cameras.rename
             if not cameras.is_identity:  # the same processors, reading this dataset's camera names
                 from zk0_pipelines.policy import build_processors
 
