@@ -24,23 +24,21 @@ V21_DATA = "data/chunk-000/episode_{:06d}.parquet"
 V21_VIDEO = "videos/chunk-000/{}/episode_{:06d}.mp4"
 
 
-def write_community(
-    root: Path,
+def community_episodes(
     cameras: dict[str, str],
     *,
-    robot_type: str = "so100_follower",
     seed: int = 3,
     episodes: int = 2,
     frames: int = 20,
     extra: tuple[str, ...] = (),
     motion: str = "reach",
-) -> Path:
-    """A v3.0 SO-100/101 dataset whose top/wrist cameras are named ``cameras[TOP]``/``cameras[WRIST]``.
+) -> tuple[int, list, dict]:
+    """``(fps, episodes, features)`` of synthetic episodes whose top/wrist cameras are renamed by ``cameras``.
 
     ``extra`` adds more cameras (a mirrored top view each); a camera left out of ``cameras`` is not recorded.
     """
     from zk0_pipelines.datasets.so100 import so100_features
-    from zk0_pipelines.datasets.synthetic import SyntheticSpec, synthesize_episodes, write_so100_episodes
+    from zk0_pipelines.datasets.synthetic import SyntheticSpec, synthesize_episodes
 
     spec = SyntheticSpec(
         seed=seed, task=f"{motion} the cube", motion=motion, episodes=episodes, frames_per_episode=frames
@@ -54,8 +52,18 @@ def write_community(
         ep.images = images
     for name in (*cameras.values(), *extra):
         features[name] = dict(base[TOP])
+    return spec.fps, eps, features
+
+
+def write_community(
+    root: Path, cameras: dict[str, str], *, robot_type: str = "so100_follower", **kwargs
+) -> Path:
+    """A v3.0 SO-100/101 dataset of :func:`community_episodes` written by lerobot at ``root``."""
+    from zk0_pipelines.datasets.synthetic import write_so100_episodes
+
+    fps, eps, features = community_episodes(cameras, **kwargs)
     return write_so100_episodes(
-        root, f"community/{root.name}", spec.fps, eps, features=features, robot_type=robot_type
+        root, f"community/{root.name}", fps, eps, features=features, robot_type=robot_type
     )
 
 
@@ -113,31 +121,13 @@ def relayout_v21(v30: Path, dest: Path, per_episode: list[Path]) -> Path:
 
 
 def write_v21(base: Path, name: str, cameras: dict[str, str], **kwargs) -> Path:
-    """A LeRobot v2.1 folder ``base/name`` (2 episodes) with the given camera names."""
-    episodes = kwargs.pop("episodes", 2)
-    frames = kwargs.get("frames", 20)
-    full = write_community(base / f".{name}-v30", cameras, episodes=episodes, **kwargs)
-    singles = []
-    for index in range(episodes):
-        single = base / f".{name}-ep{index}"
-        from zk0_pipelines.datasets.synthetic import SyntheticSpec, synthesize_episodes, write_so100_episodes
+    """A LeRobot v2.1 folder ``base/name`` of :func:`community_episodes` with the given camera names."""
+    from zk0_pipelines.datasets.synthetic import write_so100_episodes
 
-        spec = SyntheticSpec(
-            seed=kwargs.get("seed", 3),
-            task=f"{kwargs.get('motion', 'reach')} the cube",
-            motion=kwargs.get("motion", "reach"),
-            episodes=episodes,
-            frames_per_episode=frames,
-        )
-        ep = synthesize_episodes(spec)[index]
-        ep.images = {cameras[k]: ep.images[k] for k in (TOP, WRIST)}
-        features = json.loads((full / "meta" / "info.json").read_text())["features"]
-        features = {
-            k: {"dtype": v["dtype"], "shape": tuple(v["shape"]), "names": v["names"]}
-            for k, v in features.items()
-            if k not in ("timestamp", "frame_index", "episode_index", "index", "task_index")
-        }
-        singles.append(
-            write_so100_episodes(single, f"community/{name}-ep{index}", spec.fps, [ep], features=features)
-        )
+    fps, eps, features = community_episodes(cameras, **kwargs)
+    full = write_so100_episodes(base / f".{name}-v30", f"community/{name}", fps, eps, features=features)
+    singles = [
+        write_so100_episodes(base / f".{name}-ep{i}", f"community/{name}-ep{i}", fps, [ep], features=features)
+        for i, ep in enumerate(eps)
+    ]
     return relayout_v21(full, base / name, singles)
