@@ -89,6 +89,13 @@ def run_reproduce(model_name: str, version: str) -> int:
     return 0 if report.identical else 2
 
 
+def run_validate_command(args: argparse.Namespace) -> int:
+    """``zk0 validate``: the ingest's dataset checks for a dataset owner (see ``validate_command``)."""
+    from zk0_pipelines.datasets.validate_command import run_validate
+
+    return run_validate(args.paths, args.json, args.cameras)
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``zk0`` console script."""
     parser = argparse.ArgumentParser(prog="zk0", description=__doc__)
@@ -101,7 +108,13 @@ def main(argv: list[str] | None = None) -> int:
     rep = sub.add_parser("reproduce", help="rebuild a registered model version and compare its weights")
     rep.add_argument("version", help="model version number in the registry")
     rep.add_argument("--model", default="zk0-smolvla-so100", help="registered model name")
+    val = sub.add_parser("validate", help="check LeRobot dataset folders as the ingest does (read only)")
+    val.add_argument("paths", nargs="+", metavar="PATH", help="dataset folder(s) (LeRobot v3.0 or v2.1)")
+    val.add_argument("--json", metavar="FILE", help="also write every report as JSON to FILE")
+    val.add_argument("--cameras", metavar="MAP", help="camera mapping, e.g. laptop=top,phone=wrist")
     args = parser.parse_args(argv)
+    if args.command == "validate":
+        return run_validate_command(args)
     if args.command == "demo":
         return run_demo()
     if args.command == "reproduce":

@@ -55,8 +55,12 @@ def admit(staged: Path, dataset_id: str, provenance: dict[str, Any]) -> Path:
     return target
 
 
-def quarantine(staged: Path, dataset_id: str, report: dict[str, Any]) -> Path:
-    """Move a failing dataset (and any earlier admitted copy) into quarantine with its report."""
+def quarantine(staged: Path, dataset_id: str, report: dict[str, Any], markdown: str | None = None) -> Path:
+    """Move a failing dataset (and any earlier admitted copy) into quarantine with its report.
+
+    The report lands beside the copy as ``report.json`` and ``validation.json`` (the same content), and
+    ``validation.md`` when ``markdown`` is given (the table of checks people read).
+    """
     attempt = settings.quarantine_dir() / dataset_id / time.strftime("%Y%m%dT%H%M%S")
     attempt.mkdir(parents=True, exist_ok=False)
     if staged.exists():
@@ -64,7 +68,11 @@ def quarantine(staged: Path, dataset_id: str, report: dict[str, Any]) -> Path:
     admitted = settings.data_dir() / dataset_id
     if admitted.exists():
         shutil.move(str(admitted), str(attempt / "previous"))
-    (attempt / "report.json").write_text(json.dumps(report, indent=2, sort_keys=True, default=str) + "\n")
+    text = json.dumps(report, indent=2, sort_keys=True, default=str) + "\n"
+    (attempt / "report.json").write_text(text)
+    (attempt / "validation.json").write_text(text)
+    if markdown is not None:
+        (attempt / "validation.md").write_text(markdown)
     return attempt
 
 

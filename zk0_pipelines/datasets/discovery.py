@@ -19,6 +19,7 @@ from typing import Any
 
 import yaml
 
+from zk0_pipelines.datasets.cameras import CameraMappingError, resolve_cameras
 from zk0_pipelines.datasets.registry import DatasetEntry, DatasetSource, slugify
 from zk0_pipelines.datasets.so100 import is_so100_family
 
@@ -31,10 +32,26 @@ class DiscoveredDataset:
     source: dict[str, Any]
     fingerprint: str
     role: str = "train"
+    cameras: dict[str, str] | None = None
 
     def entry(self) -> DatasetEntry:
         """The registry entry for this dataset."""
-        return DatasetEntry(id=self.dataset_id, role=self.role, source=DatasetSource(**self.source))
+        return DatasetEntry(
+            id=self.dataset_id, role=self.role, source=DatasetSource(**self.source), cameras=self.cameras
+        )
+
+
+def discovered_cameras(info: dict[str, Any]) -> dict[str, str] | None:
+    """The camera map the automatic rule chooses for a discovered dataset (written into its entry).
+
+    None when the cameras already carry the policy's names or cannot be mapped (the ingest then
+    quarantines the dataset with a report saying how to map them).
+    """
+    try:
+        cameras = resolve_cameras(info.get("features") or {})
+    except CameraMappingError:
+        return None
+    return None if cameras.is_identity else cameras.rename
 
 
 def _info(path: Path) -> dict[str, Any] | None:
@@ -77,6 +94,7 @@ def scan_drop_folder(
                 dataset_id=slugify(f"drop-{child.name}"),
                 source={"kind": "local", "path": str(child.resolve())},
                 fingerprint=fingerprint,
+                cameras=discovered_cameras(info),
             )
         )
     return found
@@ -120,6 +138,7 @@ def search_hub(
                 dataset_id=slugify(repo_id.replace("/", "-")),
                 source={"kind": "hub", "repo_id": repo_id, "revision": sha},
                 fingerprint=sha[:16],
+                cameras=discovered_cameras(info),
             )
         )
     return found
@@ -139,6 +158,8 @@ def record_discovered(path: Path, datasets: Iterable[DiscoveredDataset]) -> None
     for d in datasets:
         d.entry()  # validates the source before anything is written
         entries[d.dataset_id] = {"id": d.dataset_id, "role": d.role, "source": d.source}
+        if d.cameras:
+            entries[d.dataset_id]["cameras"] = dict(d.cameras)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp")
     tmp.write_text(yaml.safe_dump({"version": 1, "datasets": list(entries.values())}, sort_keys=False))

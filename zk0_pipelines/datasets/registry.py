@@ -22,6 +22,9 @@ Format (``extra`` keys are errors everywhere; every error names the file and the
         source:
           kind: local
           path: ../drop/lab_dataset   # relative to this file's folder, or absolute
+        cameras:                      # optional: dataset camera -> policy image input
+          laptop: top                 # (short or full keys; default: the automatic rule of
+          phone: wrist                #  zk0_pipelines.datasets.cameras)
 
 Pinning rule for ``hub`` sources: ``revision`` must be a full 40-character hex commit sha, or a version
 tag matching ``v?MAJOR[.MINOR[.PATCH]][-suffix]`` (``v3.0``, ``v2.1``, ``1.0.0``). Branch names such as
@@ -38,6 +41,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, ValidationError, ValidationInfo, field_validator, model_validator
 
+from zk0_pipelines.datasets.cameras import normalize_mapping
 from zk0_pipelines.datasets.sim_env import SimLab
 from zk0_pipelines.datasets.sim_expert import SimulationSpec
 from zk0_pipelines.datasets.synthetic import MOTIONS, SyntheticSpec
@@ -176,13 +180,19 @@ class DatasetSource(BaseModel):
 
 
 class DatasetEntry(BaseModel):
-    """One registered dataset: its id (Dagster partition key), role and source."""
+    """One registered dataset: its id (Dagster partition key), role, source and optional camera mapping."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     id: str
     role: Literal["train", "eval"]
     source: DatasetSource
+    cameras: dict[str, str] | None = None
+
+    @field_validator("cameras")
+    @classmethod
+    def _check_cameras(cls, value: dict[str, str] | None) -> dict[str, str] | None:
+        return normalize_mapping(value)
 
     @field_validator("id")
     @classmethod

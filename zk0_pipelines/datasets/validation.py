@@ -20,7 +20,7 @@ import os
 import sys
 import threading
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, field
@@ -30,9 +30,9 @@ from typing import Any
 import numpy as np
 
 from zk0_pipelines.datasets._decode import DecodeResult, decode_video_file
+from zk0_pipelines.datasets.cameras import CameraMappingError, resolve_cameras
 from zk0_pipelines.datasets.links import UnsafeLink, find_unsafe_links
 from zk0_pipelines.datasets.so100 import (
-    CAMERA_KEYS,
     SO100_JOINTS,
     VECTOR_KEYS,
     feature_joint_names,
@@ -88,6 +88,7 @@ class ValidationReport:
     root: Path
     checks: list[CheckOutcome]
     stats: dict
+    cameras: dict | None = None
 
     @property
     def passed(self) -> bool:
@@ -120,6 +121,7 @@ class ValidationReport:
             "passed": self.passed,
             "checks": [check.to_dict() for check in self.checks],
             "stats": _jsonable(self.stats),
+            "cameras": self.cameras,
         }
 
 
@@ -158,6 +160,7 @@ class _Ctx:
     episodes_files: list[str] = field(default_factory=list)
     video_tasks: dict[str, dict] = field(default_factory=dict)
     decoded: dict[str, DecodeResult] = field(default_factory=dict)
+    cameras: dict | None = None
 
     def rel(self, path: Path) -> str:
         try:
@@ -335,7 +338,7 @@ def _check_info(ctx: _Ctx) -> CheckOutcome:
     )
 
 
-def _check_schema(ctx: _Ctx, camera_keys: tuple[str, ...]) -> CheckOutcome:
+def _check_schema(ctx: _Ctx, mapping: Mapping[str, str] | None) -> CheckOutcome:
     assert ctx.info is not None
     rel = "meta/info.json"
     features: dict = ctx.info["features"]
@@ -361,11 +364,15 @@ def _check_schema(ctx: _Ctx, camera_keys: tuple[str, ...]) -> CheckOutcome:
             problems.append(
                 f"{rel}: {key} joint names {names} do not match the SO-100 joints {expected_names}"
             )
-    for key in camera_keys:
-        ft = features.get(key)
-        if ft is None:
-            problems.append(f"{rel}: camera {key!r} is missing")
-            continue
+    try:
+        camera_map = resolve_cameras(features, mapping)
+    except CameraMappingError as exc:
+        problems.append(f"{rel}: {exc}")
+        camera_map = None
+    else:
+        ctx.cameras = camera_map.to_dict()
+    for key in camera_map.rename if camera_map is not None else ():
+        ft = features[key]
         if ft.get("dtype") != "video":
             problems.append(f"{rel}: camera {key} has dtype {ft.get('dtype')!r}, expected 'video'")
         shape = list(ft.get("shape") or [])
@@ -379,8 +386,13 @@ def _check_schema(ctx: _Ctx, camera_keys: tuple[str, ...]) -> CheckOutcome:
             if width is not None and width != len(SO100_JOINTS):
                 what = "rows of different lengths" if width < 0 else f"{width} values per frame"
                 problems.append(f"{data_file.rel}: {key} has {what}, expected {len(SO100_JOINTS)}")
+    cameras = camera_map.describe() if camera_map is not None else "none"
     return _outcome(
-        ctx, "schema", problems, f"SO-100 schema ok ({robot_type}, 6-DoF, cameras {list(camera_keys)})"
+        ctx,
+        "schema",
+        problems,
+        f"SO-100 schema ok ({robot_type}, 6-DoF, cameras {cameras})",
+        cameras=ctx.cameras,
     )
 
 
@@ -800,7 +812,7 @@ def validate_dataset(
     timestamp_tolerance_s: float | None = None,
     frozen_min_frames: int = 15,
     frozen_fraction: float = 0.1,
-    camera_keys: tuple[str, ...] = CAMERA_KEYS,
+    cameras: Mapping[str, str] | None = None,
     progress: bool | None = None,
 ) -> ValidationReport:
     """Run every check of :data:`CHECK_NAMES` on the dataset folder ``root``.
@@ -812,6 +824,9 @@ def validate_dataset(
     Timestamps must be within ``timestamp_tolerance_s`` (default half a frame, ``1/(2*fps)``) of
     ``frame_index/fps``. A video is frozen when one episode shows at least
     ``max(frozen_min_frames, ceil(frozen_fraction * episode_length))`` identical consecutive frames.
+    ``cameras`` maps the dataset's cameras onto the policy's image inputs (``{dataset key: policy key}``;
+    default: the automatic rule of :mod:`zk0_pipelines.datasets.cameras`); the map used is in
+    ``report.cameras``.
     ``progress`` shows a progress bar (default: when stderr is a terminal).
     """
     root = Path(root)
@@ -826,9 +841,7 @@ def validate_dataset(
     _load(ctx)
     results["parquet_readable"] = _check_parquet(ctx)
     data_ok = bool(ctx.data_files)
-    results["schema"] = (
-        _check_schema(ctx, camera_keys) if ctx.info_ok else _skipped(ctx, "schema", "info_json")
-    )
+    results["schema"] = _check_schema(ctx, cameras) if ctx.info_ok else _skipped(ctx, "schema", "info_json")
     results["episodes_nonempty"] = _check_episodes(ctx)
     results["finite_values"] = (
         _check_finite(ctx) if data_ok else _skipped(ctx, "finite_values", "parquet_readable")
@@ -863,7 +876,8 @@ def validate_dataset(
 
     _add_link_problems(ctx, results, find_unsafe_links(root))
     checks = [results[name] for name in CHECK_NAMES]
-    return ValidationReport(dataset_id, root, checks, _stats(ctx, decode_seconds, used_workers))
+    stats = _stats(ctx, decode_seconds, used_workers)
+    return ValidationReport(dataset_id, root, checks, stats, ctx.cameras)
 
 
 def _not_a_folder_report(ctx: _Ctx) -> ValidationReport:

@@ -9,9 +9,10 @@ import dagster as dg
 
 from zk0_pipelines import settings
 from zk0_pipelines.datasets.admission import admit, quarantine
+from zk0_pipelines.datasets.check import DatasetCheck, check_dataset
 from zk0_pipelines.datasets.registry import DatasetEntry
 from zk0_pipelines.datasets.sources import DatasetRefusedError, FetchResult, fetch_dataset
-from zk0_pipelines.datasets.validation import CHECK_NAMES, refused_report, validate_dataset
+from zk0_pipelines.datasets.validation import CHECK_NAMES, refused_report
 from zk0_pipelines.defs.partitions import SO100_DATASETS
 from zk0_pipelines.defs.resources import DatasetRegistryResource
 
@@ -45,6 +46,7 @@ def so100_dataset(
         "resolved_revision": result.resolved_revision,
         "staged_path": str(result.path),
         "refused": refusal,
+        "cameras": entry.cameras,
     }
     context.add_output_metadata(
         {
@@ -107,16 +109,25 @@ def _partitioned_check_specs() -> list[dg.AssetCheckSpec]:
     check_specs=_partitioned_check_specs(),
     description=(
         "The dataset after the validation suite (every video frame decoded, frame counts, timestamps, "
-        "schema, NaN/Inf). Passing datasets move to data/<id>; failing ones are quarantined (kept, "
-        "flagged with the report, excluded from training)."
+        "schema and camera mapping, NaN/Inf; LeRobot v2.1 input converted to v3.0 first). Passing "
+        "datasets move to data/<id>; failing ones are quarantined (kept, flagged with the report, "
+        "excluded from training)."
     ),
 )
 def validated_dataset(context: dg.AssetExecutionContext, so100_dataset: dict[str, Any]):
     """Validate the staged dataset, then admit it into ``data/`` or quarantine it."""
     dataset_id = so100_dataset["dataset_id"]
     staged = settings.staging_dir() / dataset_id
+    converted = settings.staging_dir() / f".{dataset_id}.v30"
     refusal = so100_dataset.get("refused")
-    report = refused_report(staged, dataset_id, refusal) if refusal else validate_dataset(staged, dataset_id)
+    if refusal:
+        checked = DatasetCheck(refused_report(staged, dataset_id, refusal), staged)
+    else:
+        checked = check_dataset(
+            staged, dataset_id, convert_dir=converted, cameras=so100_dataset.get("cameras")
+        )
+    report = checked.report
+    conversion = checked.conversion.to_dict() if checked.conversion else None
     check_results = [
         dg.AssetCheckResult(
             check_name=outcome.name,
@@ -156,11 +167,13 @@ def validated_dataset(context: dg.AssetExecutionContext, so100_dataset: dict[str
             "source": so100_dataset["source"],
             "resolved_revision": so100_dataset["resolved_revision"],
             "validation": summary,
+            "cameras": report.cameras,
+            "conversion": conversion,
         }
-        path = admit(staged, dataset_id, provenance)
+        path = admit(checked.validated_root, dataset_id, provenance)
         status = "validated"
     else:
-        path = quarantine(staged, dataset_id, report.to_dict())
+        path = quarantine(staged, dataset_id, checked.to_dict(), markdown=checked.markdown())
         status = "quarantined"
         context.log.error(
             f"dataset {dataset_id!r} quarantined at {path}: "
@@ -172,9 +185,23 @@ def validated_dataset(context: dg.AssetExecutionContext, so100_dataset: dict[str
         "resolved_revision": so100_dataset["resolved_revision"],
         "failed_checks": ", ".join(f.name for f in report.failures) or "none",
         **({"refused": refusal} if refusal else {}),
+        "validation": dg.MetadataValue.md(checked.markdown()),
+        "cameras": dg.MetadataValue.json(report.cameras or {}),
+        "conversion": dg.MetadataValue.json(conversion or {}),
     }
     metadata.update({f"stats/{k}": _metadata_value(v) for k, v in report.stats.items()})
-    value = {**so100_dataset, "status": status, "path": str(path), "stats": report.stats}
+    if converted.exists():
+        shutil.rmtree(converted)  # our own converted copy of a quarantined v2.1 dataset
+    if checked.conversion is not None and report.passed and staged.exists():
+        shutil.rmtree(staged)  # our staged v2.1 copy; the source itself was never touched
+    value = {
+        **so100_dataset,
+        "status": status,
+        "path": str(path),
+        "stats": report.stats,
+        "cameras": report.cameras,
+        "conversion": conversion,
+    }
     yield dg.Output(value, metadata=metadata)
     yield from check_results
 

@@ -21,6 +21,21 @@ from zk0_pipelines.tracking.mlflow_registry import (
 from zk0_pipelines.tracking.secrets import scrub_mapping
 
 
+def dataset_lineage_tags(datasets: list[dict[str, Any]]) -> dict[str, str]:
+    """``cameras.<id>`` (``laptop=top,phone=wrist``) and ``converted.<id>`` (``v2.1->v3.0 by …``) tags."""
+    tags: dict[str, str] = {}
+    for d in datasets:
+        if d.get("cameras"):
+            pairs = (f"{s.split('.')[-1]}={t.split('.')[-1]}" for s, t in d["cameras"].items())
+            tags[f"cameras.{d['id']}"] = ",".join(pairs)
+        if d.get("conversion"):
+            c = d["conversion"]
+            tags[f"converted.{d['id']}"] = (
+                f"{c['source_version']}->{c['target_version']} by {c['converter']} ({c['converter_version']})"
+            )
+    return tags
+
+
 def lineage_tags(federated_model: dict[str, Any]) -> dict[str, str]:
     """The tags that tie a model version to the exact data, code and config it was trained with."""
     datasets = federated_model["datasets"]
@@ -32,6 +47,7 @@ def lineage_tags(federated_model: dict[str, Any]) -> dict[str, str]:
         "config_hash": config_hash(federated_model["config"]),
     }
     tags.update({f"revision.{d['id']}": str(d["resolved_revision"]) for d in datasets})
+    tags.update(dataset_lineage_tags(datasets))
     tags.update({f"version.{k}": v for k, v in library_versions().items()})
     tags.update(privacy_tags(federated_model))
     return tags

@@ -105,6 +105,8 @@ def dataset_snapshot(
             "path": str(d.path),
             "resolved_revision": d.provenance.get("resolved_revision"),
             "source": d.provenance.get("source", {}),
+            "cameras": (d.provenance.get("cameras") or {}).get("rename"),
+            "conversion": d.provenance.get("conversion"),
         }
         for d in included
     ]
@@ -116,7 +118,9 @@ def dataset_snapshot(
             "nfiles": snap.nfiles,
             "size_bytes": snap.size,
             "datasets": dg.MetadataValue.md(
-                pd.DataFrame(datasets).drop(columns=["source"]).to_markdown(index=False)
+                pd.DataFrame(datasets)
+                .drop(columns=["source", "cameras", "conversion"])
+                .to_markdown(index=False)
             ),
             "excluded": dg.MetadataValue.json(excluded),
         }

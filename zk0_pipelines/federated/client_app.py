@@ -5,7 +5,8 @@ SuperNode is given only its own dataset); otherwise (simulation) ``train-dataset
 
 Handlers:
 
-- ``query``: reports the dataset's normalisation stats, features and frame count (see ``task`` module doc).
+- ``query``: reports the dataset's normalisation stats, features, camera map and frame count (``task`` doc);
+  features and stats carry the policy's camera names (``task.policy_view``).
 - ``train``: builds SmolVLA locally (cached), checks the frozen-weight fingerprint sent by the server, loads
   the received trainable weights, runs ``local-steps`` seeded steps with the learning rate the server sent
   for this round (``learning-rate`` in the message config: the server's schedule, not the local run config;
@@ -110,14 +111,15 @@ def query(msg: Message, context: Context) -> Message:
     """Report the local dataset's normalisation stats, features and frame count."""
     _, root, pid = _setup(context)
     meta = task.open_metadata(root)
-    stats = task.normalized_stats(meta.stats)
+    features, stats, cameras = task.policy_view(root, meta)
     info = _info(
         root,
         pid,
         **{
             "num-frames": int(meta.total_frames),
-            "features-json": json.dumps(meta.features, sort_keys=True),
+            "features-json": json.dumps(features, sort_keys=True),
             "stats-json": wire.stats_to_json(stats),
+            "cameras-json": json.dumps(cameras.to_dict(), sort_keys=True),
         },
     )
     return Message(RecordDict({INFO_KEY: info}), reply_to=msg)

@@ -35,6 +35,7 @@ class ClientRuntime:
     policy: Any
     dataset: Any
     fingerprint: str
+    cameras: Any = None
     _processors: dict[str, tuple[Any, Any]] = field(default_factory=dict)
 
     def processors(self, stats_json: str) -> tuple[Any, Any]:
@@ -44,7 +45,8 @@ class ClientRuntime:
         key = task.stats_digest(stats_json)
         if key not in self._processors:
             self._processors.clear()
-            self._processors[key] = build_processors(self.policy, wire.stats_from_json(stats_json))
+            rename = self.cameras.rename if self.cameras is not None else None
+            self._processors[key] = build_processors(self.policy, wire.stats_from_json(stats_json), rename)
         return self._processors[key]
 
 
@@ -58,13 +60,15 @@ def get_client_runtime(root: Path, spec) -> ClientRuntime:
             _CACHE.move_to_end(key)
             return _CACHE[key]
         meta = task.open_metadata(Path(root))
-        policy = build_policy(spec, meta)
+        features, stats, cameras = task.policy_view(Path(root), meta)
+        policy = build_policy(spec, task.PolicyMeta(features=features, stats=stats))
         runtime = ClientRuntime(
             root=Path(root),
             meta=meta,
             policy=policy,
             dataset=task.open_dataset(Path(root), policy, meta),
             fingerprint=frozen_fingerprint(policy),
+            cameras=cameras,
         )
         _CACHE[key] = runtime
         while len(_CACHE) > _cache_size():

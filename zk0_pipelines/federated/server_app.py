@@ -37,6 +37,8 @@ from flwr.app import ConfigRecord, Context, Message, MessageType, MetricRecord, 
 from flwr.serverapp import Grid, ServerApp
 from flwr.serverapp.strategy import Result
 
+from zk0_pipelines.datasets.cameras import export_rename_map
+from zk0_pipelines.datasets.so100 import CAMERA_KEYS as POLICY_CAMERAS
 from zk0_pipelines.federated import privacy, task, wire
 from zk0_pipelines.federated import recorder as rec
 from zk0_pipelines.federated.run_config import RunConfig, parse_run_config
@@ -94,6 +96,7 @@ class ClientReport:
     num_frames: int
     features: dict[str, Any]
     stats: dict[str, dict[str, np.ndarray]]
+    cameras: dict[str, Any] | None = None
 
 
 def query_clients(grid: Grid, node_ids: list[int], timeout_s: float) -> list[ClientReport]:
@@ -126,6 +129,7 @@ def query_clients(grid: Grid, node_ids: list[int], timeout_s: float) -> list[Cli
                 num_frames=int(info["num-frames"]),
                 features=json.loads(str(info["features-json"])),
                 stats=wire.stats_from_json(str(info["stats-json"])),
+                cameras=json.loads(str(info["cameras-json"])) if "cameras-json" in info else None,
             )
         )
     # a fixed order (not node ids, which are random per launch): the merged stats are bit-reproducible
@@ -151,20 +155,32 @@ class ServerEvaluator:
     """
 
     def __init__(
-        self, cfg: RunConfig, policy, preprocessor, features: dict[str, Any], postprocessor=None
+        self,
+        cfg: RunConfig,
+        policy,
+        preprocessor,
+        features: dict[str, Any],
+        postprocessor=None,
+        stats: dict[str, Any] | None = None,
     ) -> None:
         self.cfg = cfg
         self.policy = policy
         self.preprocessor = preprocessor
         self.postprocessor = postprocessor
         self.datasets: dict[str, Any] = {}
+        self.preprocessors: dict[str, Any] = {}
         for index, root in enumerate(cfg.eval_paths):
             meta = task.open_metadata(root)
+            eval_features, _, cameras = task.policy_view(root, meta)
             check_same_features(
-                [("the clients' datasets", features), (f"eval dataset {root}", meta.features)]
+                [("the clients' datasets", features), (f"eval dataset {root}", eval_features)]
             )
             name = root.name if root.name not in self.datasets else f"{root.name}-{index}"
             self.datasets[name] = task.open_dataset(root, policy, meta)
+            if not cameras.is_identity:  # the same processors, reading this dataset's camera names
+                from zk0_pipelines.policy import build_processors
+
+                self.preprocessors[name] = build_processors(policy, stats, cameras.rename)[0]
 
     def __call__(self) -> dict[str, float]:
         """``eval-loss``, ``eval-action-mse`` (overall and ``/<dataset>``) and ``eval-samples``."""
@@ -173,7 +189,7 @@ class ServerEvaluator:
         for name, dataset in self.datasets.items():
             result = task.evaluate_policy(
                 self.policy,
-                self.preprocessor,
+                self.preprocessors.get(name, self.preprocessor),
                 dataset,
                 batch_size=self.cfg.batch_size,
                 seed=self.cfg.seed,
@@ -212,7 +228,14 @@ def model_card(
         f"- local steps {cfg.local_steps}, batch {cfg.batch_size}, lr {cfg.learning_rate} "
         f"({cfg.lr_schedule} schedule), seed {cfg.seed}",
         f"- normalisation: {NORMALIZATION_RULE}",
+        f"- image inputs: {', '.join(POLICY_CAMERAS)}; the preprocessor's rename_observations step "
+        "(lerobot rename_map) carries the clients' camera renaming where it does not conflict",
     ]
+    for r in reports:
+        rename = (r.cameras or {}).get("rename") or {}
+        if any(src != dst for src, dst in rename.items()):
+            pairs = ", ".join(f"{src} → {dst}" for src, dst in rename.items())
+            lines.append(f"- client {Path(r.dataset).name} cameras ({r.cameras.get('rule')}): {pairs}")
     if eval_loss is not None:
         lines.append(f"- server eval loss (seeded flow matching): {eval_loss:.6f}")
     if action_mse is not None:
@@ -307,6 +330,9 @@ def _run(
 
     policy = build_policy(cfg.policy_spec(), task.PolicyMeta(features=features, stats=stats))
     preprocessor, postprocessor = build_processors(policy, stats)
+    export_rename = export_rename_map([(r.cameras or {}).get("rename") or {} for r in reports])
+    # what checkpoints and the final folder carry: the clients' camera renaming (lerobot rename_map)
+    export_preprocessor = build_processors(policy, stats, export_rename)[0] if export_rename else preprocessor
     fingerprint = frozen_fingerprint(policy)
     state = trainable_state(policy)
     recorder.set(
@@ -330,7 +356,7 @@ def _run(
         log.info("resuming after round %d from %s", offset, folder)
     load_trainable_state(policy, state)
 
-    evaluator = ServerEvaluator(cfg, policy, preprocessor, features, postprocessor)
+    evaluator = ServerEvaluator(cfg, policy, preprocessor, features, postprocessor, stats)
     startup["server-build-s"] = time.perf_counter() - t0
     recorder.set("startup", startup)
     last = {
@@ -345,6 +371,7 @@ def _run(
         "frozen-fingerprint": fingerprint,
         "norm-stats-digest": task.stats_digest(stats_json),
         "clients": [r.dataset for r in reports],
+        "cameras": {r.dataset: r.cameras for r in reports},
     }
 
     def evaluate_fn(server_round: int, arrays) -> MetricRecord | None:
@@ -370,7 +397,7 @@ def _run(
                 output_dir,
                 global_round,
                 policy=policy,
-                preprocessor=preprocessor,
+                preprocessor=export_preprocessor,
                 postprocessor=postprocessor,
                 trainable=current,
                 round_info=round_info,
@@ -422,7 +449,7 @@ def _run(
         load_trainable_state(policy, wire.decode_state(result.arrays))
     final = export_policy_folder(
         policy,
-        preprocessor,
+        export_preprocessor,
         postprocessor,
         output_dir / rec.FINAL_DIR,
         card_markdown=model_card(

@@ -57,6 +57,21 @@ def open_metadata(root: Path):
     return LeRobotDatasetMetadata(repo_id_for(root), root=root)
 
 
+def policy_view(root: Path, meta) -> tuple[dict[str, Any], dict[str, dict[str, np.ndarray]], Any]:
+    """``(features, normalised stats, camera map)`` of a dataset as the policy sees it.
+
+    The camera map (:func:`zk0_pipelines.datasets.cameras.dataset_camera_map`: the one recorded at
+    ingest, else the automatic rule) renames the dataset's cameras to the policy's image inputs and
+    leaves unused cameras out, in the features and the statistics alike.
+    """
+    from zk0_pipelines.datasets.cameras import dataset_camera_map
+
+    cameras = dataset_camera_map(Path(root), meta.features)
+    features = cameras.policy_features(meta.features)
+    stats = normalized_stats(cameras.policy_stats(meta.stats))
+    return features, stats, cameras
+
+
 def open_dataset(root: Path, policy, meta=None):
     """The client's ``LeRobotDataset`` (pyav decoding) with the policy's delta timestamps (action chunk)."""
     from lerobot.datasets.factory import resolve_delta_timestamps

@@ -179,8 +179,12 @@ def build_policy(spec: PolicySpec, ds_meta) -> SmolVLAPolicy:
     return policy
 
 
-def build_processors(policy, dataset_stats: dict | None):
+def build_processors(policy, dataset_stats: dict | None, rename_map: dict[str, str] | None = None):
     """lerobot pre/post-processor pipelines for ``policy`` (normaliser stats from ``dataset_stats``).
+
+    ``rename_map`` (``{dataset camera key: policy image input}``, a dataset's camera map) goes into the
+    preprocessor's lerobot ``RenameObservationsProcessorStep``, its first step, so a batch read from the
+    dataset reaches the policy under the policy's camera names (and a saved processor config carries it).
 
     Returns:
         ``(preprocessor, postprocessor)``: the preprocessor takes a raw frame/batch dict (images float
@@ -188,8 +192,15 @@ def build_processors(policy, dataset_stats: dict | None):
         normalises; the postprocessor un-normalises actions and moves them to the CPU.
     """
     from lerobot.policies.factory import make_pre_post_processors
+    from lerobot.processor.rename_processor import RenameObservationsProcessorStep
 
-    return make_pre_post_processors(policy.config, dataset_stats=dataset_stats)
+    preprocessor, postprocessor = make_pre_post_processors(policy.config, dataset_stats=dataset_stats)
+    if rename_map:
+        steps = [s for s in preprocessor.steps if isinstance(s, RenameObservationsProcessorStep)]
+        if not steps:
+            raise ValueError("the policy's preprocessor has no rename step for the camera map")
+        steps[0].rename_map = dict(rename_map)
+    return preprocessor, postprocessor
 
 
 def trainable_state(policy) -> dict[str, torch.Tensor]:
