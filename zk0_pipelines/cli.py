@@ -89,6 +89,33 @@ def run_reproduce(model_name: str, version: str) -> int:
     return 0 if report.identical else 2
 
 
+def run_serve(args: argparse.Namespace) -> int:
+    """Serve the model version holding ``args.alias`` (or ``args.folder``) with lerobot's policy server."""
+    settings.configure_local_env()
+    from zk0_pipelines.serving.champion import ServedModel, resolve_served_model
+    from zk0_pipelines.serving.process import serving_dir
+
+    if args.folder:
+        folder = Path(args.folder).resolve()
+        served = ServedModel(args.model, args.version or "local", args.alias, folder, "folder")
+    else:
+        from zk0_pipelines.tracking.mlflow_registry import ModelRegistry
+
+        registry = ModelRegistry(os.environ.get("MLFLOW_TRACKING_URI") or None)
+        served = resolve_served_model(registry, args.model, args.alias)
+    if args.host not in ("127.0.0.1", "localhost", "::1"):
+        print(
+            f"zk0 serve: WARNING binding {args.host}: lerobot's protocol is pickle over plaintext gRPC, "
+            "anyone who reaches this port can run code here",
+            file=sys.stderr,
+        )
+    os.chdir(serving_dir())  # lerobot's server writes a logs/ folder in the working directory
+    from zk0_pipelines.serving.policy_server import serve
+
+    serve(served, host=args.host, port=args.port, device=args.device)
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``zk0`` console script."""
     parser = argparse.ArgumentParser(prog="zk0", description=__doc__)
@@ -101,7 +128,19 @@ def main(argv: list[str] | None = None) -> int:
     rep = sub.add_parser("reproduce", help="rebuild a registered model version and compare its weights")
     rep.add_argument("version", help="model version number in the registry")
     rep.add_argument("--model", default="zk0-smolvla-so100", help="registered model name")
+    srv = sub.add_parser(
+        "serve", help="serve the registry's champion to robots (lerobot async inference, loopback)"
+    )
+    srv.add_argument("--model", default="zk0-smolvla-so100", help="registered model name")
+    srv.add_argument("--alias", default="champion", help="registry alias to serve")
+    srv.add_argument("--folder", help="serve this lerobot folder instead of resolving the alias")
+    srv.add_argument("--version", help="version label of --folder")
+    srv.add_argument("--host", default="127.0.0.1", help="bind address (insecure protocol: keep loopback)")
+    srv.add_argument("--port", type=int, default=8080)
+    srv.add_argument("--device", default="cpu")
     args = parser.parse_args(argv)
+    if args.command == "serve":
+        return run_serve(args)
     if args.command == "demo":
         return run_demo()
     if args.command == "reproduce":
