@@ -11,7 +11,24 @@ from pathlib import Path
 from zk0_pipelines import settings
 
 
+def _use_postgres() -> None:
+    """``ZK0_STORAGE=postgres``: start the checkout's PostgreSQL (unless URLs are given) and point Dagster
+    (``dagster_home/postgres``) and MLflow at it."""
+    if os.environ.get("ZK0_STORAGE", "sqlite") != "postgres":
+        return
+    os.environ.setdefault("DAGSTER_HOME", str(settings.repo_root() / "dagster_home" / "postgres"))
+    if os.environ.get("ZK0_DAGSTER_PG_URL") and os.environ.get("MLFLOW_TRACKING_URI"):
+        return
+    from zk0_pipelines.postgres import default_server
+
+    server = default_server()
+    server.start()
+    os.environ.setdefault("ZK0_DAGSTER_PG_URL", server.create_database("dagster"))
+    os.environ.setdefault("MLFLOW_TRACKING_URI", server.create_database("mlflow"))
+
+
 def _dagster_home() -> Path:
+    _use_postgres()
     home = Path(os.environ.setdefault("DAGSTER_HOME", str(settings.repo_root() / "dagster_home")))
     home.mkdir(parents=True, exist_ok=True)
     return home
@@ -55,9 +72,16 @@ def run_dagster_ui(port: int) -> int:
     )
 
 
+def _database_store(uri: str) -> str | None:
+    """``uri`` when it names a database MLflow can serve (not an http tracking server)."""
+    return uri if uri.startswith(("sqlite:", "postgresql")) else None
+
+
 def run_mlflow_ui(port: int) -> int:
-    """Start a real MLflow server on the checkout's sqlite store and artifact folder."""
+    """Start a real MLflow server on the checkout's store (sqlite, or PostgreSQL with
+    ``ZK0_STORAGE=postgres``) and artifact folder."""
     settings.configure_local_env()
+    _use_postgres()
     from zk0_pipelines.tracking.mlflow_registry import default_artifact_root, default_tracking_uri
 
     mlflow = Path(sys.executable).with_name("mlflow")
@@ -67,7 +91,7 @@ def run_mlflow_ui(port: int) -> int:
             str(mlflow),
             "server",
             "--backend-store-uri",
-            default_tracking_uri(),
+            _database_store(os.environ.get("MLFLOW_TRACKING_URI", "")) or default_tracking_uri(),
             "--artifacts-destination",
             str(default_artifact_root()),
             "--host",
@@ -92,6 +116,7 @@ def run_reproduce(model_name: str, version: str) -> int:
 def run_serve(args: argparse.Namespace) -> int:
     """Serve the model version holding ``args.alias`` (or ``args.folder``) with lerobot's policy server."""
     settings.configure_local_env()
+    _use_postgres()
     from zk0_pipelines.serving.champion import ServedModel, resolve_served_model
     from zk0_pipelines.serving.process import serving_dir
 

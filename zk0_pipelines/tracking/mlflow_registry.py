@@ -418,8 +418,8 @@ class ModelRegistry:
         if given is not None:
             given_s = str(given)
             return given_s if "://" in given_s else Path(given_s).resolve().as_uri()
-        if self.tracking_uri == default_tracking_uri():
-            return default_artifact_root().resolve().as_uri()
+        if self.tracking_uri == default_tracking_uri() or self.tracking_uri.startswith("postgresql"):
+            return default_artifact_root().resolve().as_uri()  # a database store: artifacts on disk
         if self.tracking_uri.startswith("sqlite:///"):
             db = Path(self.tracking_uri.removeprefix("sqlite:///"))
             return (db.parent / "artifacts").resolve().as_uri()
