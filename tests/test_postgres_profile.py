@@ -187,3 +187,15 @@ def test_mlflow_registry_on_postgres_keeps_every_version_and_one_champion(postgr
     holders = [v for v in versions if CHAMPION in (client.get_model_version(v.name, v.version).aliases or [])]
     assert len(holders) == 1
     assert client.get_model_version_by_alias("concurrent-model", CHAMPION).version == holders[0].version
+
+
+def test_deployment_files_carry_the_same_run_queue_rules() -> None:
+    rules = yaml.safe_load(PROFILE.read_text())["run_coordinator"]["config"]
+    compose = yaml.safe_load((REPO_ROOT / "deploy" / "dagster.yaml").read_text())["run_coordinator"]["config"]
+    helm = yaml.safe_load((REPO_ROOT / "deploy" / "helm" / "dagster-values.yaml").read_text())
+    queue = helm["dagsterDaemon"]["runCoordinator"]["config"]["queuedRunCoordinator"]
+    assert compose == rules
+    assert (queue["maxConcurrentRuns"], queue["tagConcurrencyLimits"]) == (
+        rules["max_concurrent_runs"],
+        rules["tag_concurrency_limits"],
+    )
