@@ -186,7 +186,11 @@ def test_mlflow_registry_on_postgres_keeps_every_version_and_one_champion(postgr
     assert sorted(r.version for r in results.values()) == ["1", "2", "3"]
     holders = [v for v in versions if CHAMPION in (client.get_model_version(v.name, v.version).aliases or [])]
     assert len(holders) == 1
-    assert client.get_model_version_by_alias("concurrent-model", CHAMPION).version == holders[0].version
+    # Promotion is serialised (an advisory lock in PostgreSQL): the best of the three is the champion,
+    # whatever order the registrations ran in, and the last registered version is the challenger.
+    champion = client.get_model_version_by_alias("concurrent-model", CHAMPION)
+    assert str(champion.version) == str(holders[0].version) == results[2].version  # eval_loss 0.8, lowest
+    assert str(client.get_model_version_by_alias("concurrent-model", "challenger").version) == "3"
 
 
 def test_deployment_files_carry_the_same_run_queue_rules() -> None:

@@ -56,6 +56,8 @@ def resolve_served_model(
     try:
         mv = registry.client.get_model_version_by_alias(model_name, alias)
     except MlflowException as exc:
+        if exc.error_code not in ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE", "NOT_FOUND"):
+            raise  # the store itself failed: not a missing alias
         raise NoServableModel(
             f"registry {registry.tracking_uri}: model {model_name!r} has no version with alias {alias!r}"
         ) from exc
