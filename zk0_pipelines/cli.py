@@ -98,6 +98,9 @@ def run_mlflow_ui(port: int) -> int:
             "127.0.0.1",
             "--port",
             str(port),
+            # one worker: a review UI; uvicorn's supervisor kills slow workers on a loaded 2-core host
+            "--workers",
+            "1",
         ],
     )
 
