@@ -26,7 +26,7 @@ export TMPDIR := $(ROOT)/.zk0/tmp
 
 PYTEST_ARGS ?=
 
-.PHONY: help install demo test lint ui mlflow-ui clean-state system-deps demo-sim
+.PHONY: help install demo test lint ui mlflow-ui clean-state system-deps demo-sim postgres-install postgres-up postgres-down ui-postgres mlflow-ui-postgres serve
 help:
 	@echo "make demo   - install and run the offline demo lineage (datasets -> registered model -> release folder)"
 	@echo "make test   - install what is missing and run the tests"
@@ -34,6 +34,9 @@ help:
 	@echo "make lint   - ruff"
 	@echo "make system-deps - Debian's Mesa (offscreen OpenGL for the SO-101 simulator), when missing"
 	@echo "make demo-sim    - the demo on scripted-expert datasets recorded in the SO-101 simulator"
+	@echo "make ui-postgres / mlflow-ui-postgres - the same on the checkout's private PostgreSQL (.zk0/postgres)"
+	@echo "make postgres-up / postgres-down      - start / stop that PostgreSQL (Debian's postgresql package)"
+	@echo "make serve  - lerobot policy server on the registry's champion, 127.0.0.1:8080 (insecure protocol)"
 
 $(UV):
 	@test -x "$(PYTHON312)" || { echo "Python 3.12 not found (set PYTHON312=/path/to/python3.12)"; exit 1; }
@@ -84,3 +87,24 @@ system-deps:
 
 demo-sim: install system-deps
 	ZK0_DATASET_REGISTRY=configs/datasets.sim.yaml $(VENV)/bin/zk0 demo
+
+serve: install
+	$(VENV)/bin/zk0 serve
+
+# PostgreSQL profile: Debian's server binaries, run by zk0_pipelines/postgres.py on .zk0/postgres (port ZK0_PG_PORT,
+# default 55432). The sqlite instance stays the default of every other target.
+postgres-install:
+	@ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || { apt-get update -q && \
+	  DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends postgresql; }
+
+postgres-up: install postgres-install
+	$(VENV)/bin/python -m zk0_pipelines.postgres start
+
+postgres-down: install
+	$(VENV)/bin/python -m zk0_pipelines.postgres stop
+
+ui-postgres: install postgres-install
+	ZK0_STORAGE=postgres DAGSTER_HOME=$(ROOT)/dagster_home/postgres $(VENV)/bin/zk0 ui
+
+mlflow-ui-postgres: install postgres-install
+	ZK0_STORAGE=postgres $(VENV)/bin/zk0 mlflow-ui

@@ -11,7 +11,24 @@ from pathlib import Path
 from zk0_pipelines import settings
 
 
+def _use_postgres() -> None:
+    """``ZK0_STORAGE=postgres``: start the checkout's PostgreSQL (unless URLs are given) and point Dagster
+    (``dagster_home/postgres``) and MLflow at it."""
+    if os.environ.get("ZK0_STORAGE", "sqlite") != "postgres":
+        return
+    os.environ.setdefault("DAGSTER_HOME", str(settings.repo_root() / "dagster_home" / "postgres"))
+    if os.environ.get("ZK0_DAGSTER_PG_URL") and os.environ.get("MLFLOW_TRACKING_URI"):
+        return
+    from zk0_pipelines.postgres import default_server
+
+    server = default_server()
+    server.start()
+    os.environ.setdefault("ZK0_DAGSTER_PG_URL", server.create_database("dagster"))
+    os.environ.setdefault("MLFLOW_TRACKING_URI", server.create_database("mlflow"))
+
+
 def _dagster_home() -> Path:
+    _use_postgres()
     home = Path(os.environ.setdefault("DAGSTER_HOME", str(settings.repo_root() / "dagster_home")))
     home.mkdir(parents=True, exist_ok=True)
     return home
@@ -55,9 +72,16 @@ def run_dagster_ui(port: int) -> int:
     )
 
 
+def _database_store(uri: str) -> str | None:
+    """``uri`` when it names a database MLflow can serve (not an http tracking server)."""
+    return uri if uri.startswith(("sqlite:", "postgresql")) else None
+
+
 def run_mlflow_ui(port: int) -> int:
-    """Start a real MLflow server on the checkout's sqlite store and artifact folder."""
+    """Start a real MLflow server on the checkout's store (sqlite, or PostgreSQL with
+    ``ZK0_STORAGE=postgres``) and artifact folder."""
     settings.configure_local_env()
+    _use_postgres()
     from zk0_pipelines.tracking.mlflow_registry import default_artifact_root, default_tracking_uri
 
     mlflow = Path(sys.executable).with_name("mlflow")
@@ -67,13 +91,16 @@ def run_mlflow_ui(port: int) -> int:
             str(mlflow),
             "server",
             "--backend-store-uri",
-            default_tracking_uri(),
+            _database_store(os.environ.get("MLFLOW_TRACKING_URI", "")) or default_tracking_uri(),
             "--artifacts-destination",
             str(default_artifact_root()),
             "--host",
             "127.0.0.1",
             "--port",
             str(port),
+            # one worker: a review UI; uvicorn's supervisor kills slow workers on a loaded 2-core host
+            "--workers",
+            "1",
         ],
     )
 
@@ -96,6 +123,34 @@ def run_validate_command(args: argparse.Namespace) -> int:
     return run_validate(args.paths, args.json, args.cameras)
 
 
+def run_serve(args: argparse.Namespace) -> int:
+    """Serve the model version holding ``args.alias`` (or ``args.folder``) with lerobot's policy server."""
+    settings.configure_local_env()
+    _use_postgres()
+    from zk0_pipelines.serving.champion import ServedModel, resolve_served_model
+    from zk0_pipelines.serving.process import serving_dir
+
+    if args.folder:
+        folder = Path(args.folder).resolve()
+        served = ServedModel(args.model, args.version or "local", args.alias, folder, "folder")
+    else:
+        from zk0_pipelines.tracking.mlflow_registry import ModelRegistry
+
+        registry = ModelRegistry(os.environ.get("MLFLOW_TRACKING_URI") or None)
+        served = resolve_served_model(registry, args.model, args.alias)
+    if args.host not in ("127.0.0.1", "localhost", "::1"):
+        print(
+            f"zk0 serve: WARNING binding {args.host}: lerobot's protocol is pickle over plaintext gRPC, "
+            "anyone who reaches this port can run code here",
+            file=sys.stderr,
+        )
+    os.chdir(serving_dir())  # lerobot's server writes a logs/ folder in the working directory
+    from zk0_pipelines.serving.policy_server import serve
+
+    serve(served, host=args.host, port=args.port, device=args.device)
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``zk0`` console script."""
     parser = argparse.ArgumentParser(prog="zk0", description=__doc__)
@@ -112,9 +167,21 @@ def main(argv: list[str] | None = None) -> int:
     val.add_argument("paths", nargs="+", metavar="PATH", help="dataset folder(s) (LeRobot v3.0 or v2.1)")
     val.add_argument("--json", metavar="FILE", help="also write every report as JSON to FILE")
     val.add_argument("--cameras", metavar="MAP", help="camera mapping, e.g. laptop=top,phone=wrist")
+    srv = sub.add_parser(
+        "serve", help="serve the registry's champion to robots (lerobot async inference, loopback)"
+    )
+    srv.add_argument("--model", default="zk0-smolvla-so100", help="registered model name")
+    srv.add_argument("--alias", default="champion", help="registry alias to serve")
+    srv.add_argument("--folder", help="serve this lerobot folder instead of resolving the alias")
+    srv.add_argument("--version", help="version label of --folder")
+    srv.add_argument("--host", default="127.0.0.1", help="bind address (insecure protocol: keep loopback)")
+    srv.add_argument("--port", type=int, default=8080)
+    srv.add_argument("--device", default="cpu")
     args = parser.parse_args(argv)
     if args.command == "validate":
         return run_validate_command(args)
+    if args.command == "serve":
+        return run_serve(args)
     if args.command == "demo":
         return run_demo()
     if args.command == "reproduce":

@@ -13,7 +13,13 @@ from typing import Any
 import dagster as dg
 
 from zk0_pipelines import settings
-from zk0_pipelines.defs import ingest_assets, release_assets, rollout_assets, training_assets
+from zk0_pipelines.defs import (
+    ingest_assets,
+    release_assets,
+    rollout_assets,
+    serving_assets,
+    training_assets,
+)
 from zk0_pipelines.defs.automation import (
     new_so100_datasets,
     nightly_federated_training,
@@ -31,6 +37,7 @@ from zk0_pipelines.defs.resources import (
     PolicyResource,
     TrainingTriggerResource,
 )
+from zk0_pipelines.defs.serving_assets import serve_champion
 
 settings.configure_local_env()
 
@@ -83,8 +90,10 @@ def build_resources(deployment: str | None = None) -> dict[str, Any]:
 def build_definitions(resources: dict[str, Any] | None = None) -> dg.Definitions:
     """Assemble assets, checks, jobs and resources; ``resources`` defaults to ``build_resources()``."""
     return dg.Definitions(
-        assets=dg.load_assets_from_modules([ingest_assets, training_assets, release_assets, rollout_assets]),
-        jobs=[ingest_datasets, federated_training, release, reproduce_model],
+        assets=dg.load_assets_from_modules(
+            [ingest_assets, training_assets, release_assets, rollout_assets, serving_assets]
+        ),
+        jobs=[ingest_datasets, federated_training, release, reproduce_model, serve_champion],
         sensors=[new_so100_datasets, validated_datasets_changed],
         schedules=[nightly_federated_training],
         resources=resources if resources is not None else build_resources(),

@@ -64,6 +64,23 @@ def _ingest_in_flight(instance: dg.DagsterInstance) -> bool:
     return bool(runs)
 
 
+def training_in_flight(instance: dg.DagsterInstance, fingerprint: str) -> str | None:
+    """Why a new training of the set ``fingerprint`` would be a duplicate (a queued/running one), or None."""
+    records = instance.get_run_records(
+        dg.RunsFilter(
+            job_name=federated_training.name, statuses=_ACTIVE, tags={FINGERPRINT_TAG: fingerprint}
+        ),
+        limit=1,
+    )
+    if not records:
+        return None
+    run = records[0].dagster_run
+    return (
+        f"federated_training run {run.run_id} for this dataset set ({fingerprint}) is already "
+        f"{run.status.value.lower()}"
+    )
+
+
 def last_trained_fingerprint(instance: dg.DagsterInstance) -> str | None:
     """The data fingerprint of the latest registered model version (however its run was launched)."""
     event = instance.get_latest_materialization_event(dg.AssetKey("registered_model"))
@@ -92,6 +109,9 @@ def validated_datasets_changed(context: dg.SensorEvaluationContext) -> dg.RunReq
     fingerprint = data_fingerprint(admitted)
     if fingerprint in (context.cursor, last_trained_fingerprint(context.instance)):
         return dg.SkipReason(f"validated set unchanged ({fingerprint})")
+    duplicate = training_in_flight(context.instance, fingerprint)
+    if duplicate:
+        return dg.SkipReason(duplicate)
     context.update_cursor(fingerprint)
     return dg.RunRequest(
         run_key=f"train:{fingerprint}",
@@ -115,6 +135,9 @@ def nightly_federated_training(
         return dg.SkipReason("no validated training dataset")
     fingerprint = data_fingerprint(admitted)
     tags = {FINGERPRINT_TAG: fingerprint, "zk0/trigger": "nightly_federated_training"}
+    duplicate = training_in_flight(context.instance, fingerprint)
+    if duplicate:
+        return dg.SkipReason(duplicate)
     if training_trigger.nightly_force:
         return dg.RunRequest(tags={**tags, "zk0/forced": "true"})
     if last_trained_fingerprint(context.instance) == fingerprint:

@@ -4,10 +4,14 @@ from __future__ import annotations
 
 import dagster as dg
 
+#: run tag naming the job, the key of the run queue's tag_concurrency_limits (dagster_home/*/dagster.yaml)
+JOB_TAG = "zk0/job"
+
 ingest_datasets = dg.define_asset_job(
     name="ingest_datasets",
     selection=dg.AssetSelection.assets("so100_dataset", "validated_dataset"),
     description="Fetch one dataset at its pinned revision, validate it, admit it to data/ or quarantine it.",
+    tags={JOB_TAG: "ingest_datasets"},
 )
 
 federated_training = dg.define_asset_job(
@@ -19,6 +23,7 @@ federated_training = dg.define_asset_job(
         "DVC snapshot of data/ → Flower federated run → server evaluation → MLflow model version → "
         "rollouts in the simulator (skipped without a simulated eval lab)."
     ),
+    tags={JOB_TAG: "federated_training"},
 )
 
 release = dg.define_asset_job(

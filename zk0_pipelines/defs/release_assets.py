@@ -11,6 +11,7 @@ import dagster as dg
 from zk0_pipelines import settings
 from zk0_pipelines.defs.resources import HubPublisherResource, MlflowResource
 from zk0_pipelines.reproduce import ROUND_WEIGHTS_ARTIFACT, RUN_CONFIG_ARTIFACT
+from zk0_pipelines.serving.pyfunc import log_pyfunc_flavor
 from zk0_pipelines.tracking.hub_release import build_model_card
 from zk0_pipelines.tracking.mlflow_registry import (
     MlflowStoreUnavailable,
@@ -124,6 +125,7 @@ def _register(
         tags={**tags, "dagster_run_id": context.run.run_id},
     )
     _log_reproduction_record(registry, run_id, federated_model)
+    log_pyfunc_flavor(registry.client, run_id)  # models:/<name>@champion loads with mlflow.pyfunc
     version = registry.register_version(
         mlflow.model_name,
         run_id,

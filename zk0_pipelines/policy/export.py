@@ -102,11 +102,12 @@ def export_policy_folder(
     return out_dir
 
 
-def load_policy_folder(folder: Path, device: str = "cpu"):
+def load_policy_folder(folder: Path, device: str = "cpu", preprocessor_overrides: dict | None = None):
     """Load a folder written by ``export_policy_folder`` (or any lerobot SmolVLA checkpoint folder).
 
     Uses ``SmolVLAPolicy.from_pretrained`` (strict: every weight must be present) and lerobot's
-    ``make_pre_post_processors(..., pretrained_path=folder)``, overriding the processors' device.
+    ``make_pre_post_processors(..., pretrained_path=folder)``, overriding the processors' device (and
+    the preprocessor steps named in ``preprocessor_overrides``, e.g. a camera rename map).
 
     Returns:
         ``(policy, preprocessor, postprocessor)``; the policy is in eval mode.
@@ -127,7 +128,7 @@ def load_policy_folder(folder: Path, device: str = "cpu"):
     if not isinstance(cfg, SmolVLAConfig):
         raise ValueError(f"{folder / CONFIG_FILE}: policy type is '{cfg.type}', expected 'smolvla'")
     cfg.device = device
-    pre_overrides: dict = {"device_processor": {"device": device}}
+    pre_overrides: dict = {**(preprocessor_overrides or {}), "device_processor": {"device": device}}
     vendored = vendored_vlm(folder)
     if vendored is not None:
         cfg.vlm_model_name = str(vendored)

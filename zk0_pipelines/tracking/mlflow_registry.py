@@ -346,6 +346,41 @@ def _set_busy_timeout(uri: str, seconds: float) -> None:
             _BUSY_HOOKS.append(True)
 
 
+@contextmanager
+def promotion_lock(registry_uri: str, model_name: str) -> Iterator[None]:
+    """Serialise read-champion → decide → create version → set aliases across concurrent registrations.
+
+    PostgreSQL store: a session advisory lock taken in the store itself (every host); sqlite store: an
+    exclusive ``flock`` on a file beside the database (this machine). A tracking server (http) has no
+    lock of its own: there, the run queue's one-training-per-set rule is the guard.
+    """
+    if registry_uri.startswith("postgresql"):
+        import sqlalchemy
+
+        key = int.from_bytes(hashlib.sha256(f"zk0.promotion:{model_name}".encode()).digest()[:8], "big")
+        key -= 1 << 63 if key >= 1 << 63 else 0  # PostgreSQL's bigint
+        engine = sqlalchemy.create_engine(registry_uri, poolclass=sqlalchemy.pool.NullPool)
+        try:
+            with engine.connect() as conn:
+                conn.execute(sqlalchemy.text("SELECT pg_advisory_lock(:k)"), {"k": key})
+                try:
+                    yield
+                finally:
+                    conn.execute(sqlalchemy.text("SELECT pg_advisory_unlock(:k)"), {"k": key})
+        finally:
+            engine.dispose()
+        return
+    path = _sqlite_file(registry_uri)
+    if path is None:
+        yield
+        return
+    import fcntl
+
+    with open(f"{path}.promotion.lock", "a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)  # released when the file is closed
+        yield
+
+
 def _install_busy_hooks() -> None:
     """SQLAlchemy hooks (all engines) that apply ``_BUSY_TIMEOUT_MS`` to the sqlite files listed there."""
     import sqlite3
@@ -430,8 +465,8 @@ class ModelRegistry:
         if given is not None:
             given_s = str(given)
             return given_s if "://" in given_s else Path(given_s).resolve().as_uri()
-        if self.tracking_uri == default_tracking_uri():
-            return default_artifact_root().resolve().as_uri()
+        if self.tracking_uri == default_tracking_uri() or self.tracking_uri.startswith("postgresql"):
+            return default_artifact_root().resolve().as_uri()  # a database store: artifacts on disk
         if self.tracking_uri.startswith("sqlite:///"):
             db = Path(self.tracking_uri.removeprefix("sqlite:///"))
             return (db.parent / "artifacts").resolve().as_uri()
@@ -680,7 +715,7 @@ class ModelRegistry:
                 )
             source = f"{run.info.artifact_uri.rstrip('/')}/{artifact_path.strip('/')}"
             self._ensure_registered_model(model_name)
-
+        with self._guard(), promotion_lock(self.registry_uri, model_name):
             current = self.champion(model_name)
             champ = {
                 key: _tag_float(current.tags.get(key)) if current is not None else None
