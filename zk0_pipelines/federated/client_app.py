@@ -92,7 +92,10 @@ def _stats_json(conf: ConfigRecord) -> str:
 
 @app.query()
 def query(msg: Message, context: Context) -> Message:
-    """Report the local dataset's normalisation stats, features and frame count."""
+    """Report the local dataset's normalisation stats, features and frame count; then import the policy
+    stacks in the background while the server builds (``prewarm`` module)."""
+    from zk0_pipelines.federated.prewarm import prewarm_client_imports
+
     _, root, pid = _setup(context)
     meta = task.open_metadata(root)
     stats = task.normalized_stats(meta.stats)
@@ -105,6 +108,7 @@ def query(msg: Message, context: Context) -> Message:
             "stats-json": wire.stats_to_json(stats),
         },
     )
+    prewarm_client_imports()
     return Message(RecordDict({INFO_KEY: info}), reply_to=msg)
 
 

@@ -35,6 +35,7 @@ import logging
 import subprocess
 import time
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -103,11 +104,13 @@ class LocalDeployment(TlsSuperLink):
     def start(self) -> None:
         """SuperLink (TLS + node auth), then register and start one SuperNode per training dataset."""
         self.start_superlink()
-        for index, root in enumerate(self.train_roots):
-            name = f"node-{index}"
-            keys = write_node_keys(self.keys_dir, name)
-            self.node_ids[name] = self.register_node(keys)
-            self.start_supernode(root, keys, partition_id=index)
+        keys = [write_node_keys(self.keys_dir, f"node-{i}") for i in range(len(self.train_roots))]
+        # one `flwr supernode register` process per node, all at once (each is mostly interpreter start-up)
+        with ThreadPoolExecutor(max_workers=max(1, len(keys))) as pool:
+            node_ids = list(pool.map(self.register_node, keys))
+        for index, (root, key, node_id) in enumerate(zip(self.train_roots, keys, node_ids, strict=True)):
+            self.node_ids[key.name] = node_id
+            self.start_supernode(root, key, partition_id=index)
         if self.train_roots:
             self.wait_nodes_online(list(self.node_ids.values()), self.nodes_timeout_s)
 

@@ -146,7 +146,7 @@ def run_federated(
         app_dir = sim.flwr_home / "app"
         write_app_folder(app_dir, cfg)
         t1 = time.perf_counter()
-        run_id, status = sim.run_app(app_dir, len(train_roots), timeout_s)
+        run_id, status = sim.run_app(app_dir, len(train_roots), timeout_s, done=lambda: _completed(run_dir))
         timings["run-s"] = time.perf_counter() - t1
         metrics = _read_metrics(run_dir)
         if status != "finished:completed" or metrics.get("status") != "completed":
@@ -189,6 +189,11 @@ def run_federated(
             "reaped-launches": [r["launch-id"] for r in reaped],
         },
     )
+
+
+def _completed(run_dir: Path) -> bool:
+    """True once the ServerApp recorded the run as completed in ``metrics.json``."""
+    return _read_metrics(run_dir).get("status") == "completed"
 
 
 def _read_metrics(run_dir: Path) -> dict[str, Any]:

@@ -35,6 +35,7 @@ from flwr.serverapp.strategy import Result
 
 from zk0_pipelines.federated import recorder as rec
 from zk0_pipelines.federated import task, wire
+from zk0_pipelines.federated.prewarm import ServerPrewarm
 from zk0_pipelines.federated.run_config import RunConfig, parse_run_config
 from zk0_pipelines.federated.strategy import ClientFailure, make_strategy
 
@@ -147,20 +148,27 @@ class ServerEvaluator:
     """
 
     def __init__(
-        self, cfg: RunConfig, policy, preprocessor, features: dict[str, Any], postprocessor=None
+        self,
+        cfg: RunConfig,
+        policy,
+        preprocessor,
+        features: dict[str, Any],
+        postprocessor=None,
+        opened: dict[Path, Any] | None = None,
     ) -> None:
         self.cfg = cfg
         self.policy = policy
         self.preprocessor = preprocessor
         self.postprocessor = postprocessor
         self.datasets: dict[str, Any] = {}
+        opened = opened or {}
         for index, root in enumerate(cfg.eval_paths):
             meta = task.open_metadata(root)
             check_same_features(
                 [("the clients' datasets", features), (f"eval dataset {root}", meta.features)]
             )
             name = root.name if root.name not in self.datasets else f"{root.name}-{index}"
-            self.datasets[name] = task.open_dataset(root, policy, meta)
+            self.datasets[name] = opened.get(root) or task.open_dataset(root, policy, meta)
 
     def __call__(self) -> dict[str, float]:
         """``eval-loss``, ``eval-action-mse`` (overall and ``/<dataset>``) and ``eval-samples``."""
@@ -266,6 +274,7 @@ def _run(
     np.random.seed(cfg.seed % 2**32)
     torch.manual_seed(cfg.seed)
 
+    prewarm = ServerPrewarm(cfg)  # builds the policy and opens the eval datasets while clients start
     startup: dict[str, float] = {}
     t0 = time.perf_counter()
     node_ids = wait_for_quorum(grid, cfg.min_available_clients, cfg.quorum_timeout_s)
@@ -292,7 +301,10 @@ def _run(
         },
     )
 
-    policy = build_policy(cfg.policy_spec(), task.PolicyMeta(features=features, stats=stats))
+    policy, opened = prewarm.take_policy(features)
+    startup["prewarmed"] = float(policy is not None)
+    if policy is None:
+        policy = build_policy(cfg.policy_spec(), task.PolicyMeta(features=features, stats=stats))
     preprocessor, postprocessor = build_processors(policy, stats)
     fingerprint = frozen_fingerprint(policy)
     state = trainable_state(policy)
@@ -317,7 +329,7 @@ def _run(
         log.info("resuming after round %d from %s", offset, folder)
     load_trainable_state(policy, state)
 
-    evaluator = ServerEvaluator(cfg, policy, preprocessor, features, postprocessor)
+    evaluator = ServerEvaluator(cfg, policy, preprocessor, features, postprocessor, opened)
     startup["server-build-s"] = time.perf_counter() - t0
     recorder.set("startup", startup)
     last = {"state": {k: v.clone() for k, v in state.items()}, "eval": None, "action-mse": None}

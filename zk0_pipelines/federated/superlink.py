@@ -25,7 +25,7 @@ import threading
 import time
 import uuid
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -259,7 +259,7 @@ class SuperLinkProcess:
         shutil.rmtree(self.ray_tmp, ignore_errors=True)
 
     # -- flwr CLI ----------------------------------------------------------------------------------------
-    def _cli(self, *args: str, timeout_s: float = 120.0) -> str:
+    def _cli(self, *args: str, timeout_s: float = 300.0) -> str:
         proc = subprocess.run(
             [tool_path("flwr"), *args],
             env=self.env(),
@@ -293,11 +293,22 @@ class SuperLinkProcess:
             if line.strip():
                 flwr_log.info("%s", line)
 
-    def run_app(self, app_dir: Path, num_supernodes: int, timeout_s: float) -> tuple[str, str]:
-        """Submit ``app_dir`` and stream its logs until it finishes; returns ``(run_id, final status)``."""
+    def run_app(
+        self,
+        app_dir: Path,
+        num_supernodes: int,
+        timeout_s: float,
+        done: Callable[[], bool] | None = None,
+    ) -> tuple[str, str]:
+        """Submit ``app_dir`` and stream its logs until it finishes; returns ``(run_id, final status)``.
+
+        ``done`` (e.g. "metrics.json says completed") lets the launcher stop waiting for the log stream
+        to notice the end: once it is true and Flower reports the run finished, the stream is stopped.
+        """
         cmd = self.run_command(app_dir, num_supernodes)
         run_id_box: list[str] = []
         deadline = time.monotonic() + timeout_s
+        status: str | None = None
         with open(self.logs_dir / "flwr-run.log", "a") as sink:
             proc = subprocess.Popen(
                 cmd,
@@ -313,7 +324,7 @@ class SuperLinkProcess:
             pump = threading.Thread(target=self._pump, args=(proc, sink, run_id_box), daemon=True)
             pump.start()
             try:
-                proc.wait(timeout=max(1.0, deadline - time.monotonic()))
+                status = self._wait_run(proc, run_id_box, deadline, done)
             except subprocess.TimeoutExpired:
                 if run_id_box:
                     with contextlib.suppress(Exception):
@@ -328,11 +339,32 @@ class SuperLinkProcess:
         if not run_id_box:
             raise FederatedRunError("flwr run did not start a run:\n" + "\n".join(self._tail))
         run_id = run_id_box[0]
-        status = self.run_status(run_id)
+        status = status or self.run_status(run_id)
         while status.split(":")[0] != "finished" and time.monotonic() < deadline:
             time.sleep(0.5)  # the log stream can end slightly before the status flips
             status = self.run_status(run_id)
         return run_id, status
+
+    def _wait_run(
+        self,
+        proc: subprocess.Popen,
+        run_id_box: list[str],
+        deadline: float,
+        done: Callable[[], bool] | None,
+    ) -> str | None:
+        """Wait for the ``flwr run --stream`` process to end, or for ``done`` and a finished run status
+        (returned); ``subprocess.TimeoutExpired`` at ``deadline``."""
+        while True:
+            try:
+                proc.wait(timeout=max(0.01, min(0.5, deadline - time.monotonic())))
+                return None
+            except subprocess.TimeoutExpired:
+                if time.monotonic() >= deadline:
+                    raise
+            if done is not None and run_id_box and done():
+                status = self.run_status(run_id_box[0])
+                if status.split(":")[0] == "finished":
+                    return status
 
     @property
     def tail(self) -> list[str]:
