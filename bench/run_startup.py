@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -81,6 +82,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"baseline: import torch + lerobot {base_import:.2f} s, build tiny policy {base_build:.2f} s")
         print(C.load_note())
         config = {"num-server-rounds": args.rounds, "min-available-clients": len(train_roots)}
+        shutil.rmtree(work / "run", ignore_errors=True)  # a kept earlier run would be refused
         t0 = time.perf_counter()
         result = run_federated(train_roots, eval_roots, work / "run", config)
         wall = time.perf_counter() - t0
