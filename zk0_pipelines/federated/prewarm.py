@@ -7,7 +7,9 @@
   so a policy built early is bit-identical to one built later.
 - Client (``prewarm_client_imports``): after answering the query round, import the policy and dataset
   stacks while the server builds, so round 1 only builds the (cached) runtime. Only imports: a policy
-  build seeds torch's global RNG, which must not race with another thread of the process.
+  build seeds torch's global RNG, which must not race with another thread of the process; and the train
+  and evaluate handlers first wait for these imports to end (``wait_for_client_prewarm``), so nothing runs
+  beside a seeded training step (a resumed run must retrain to the same bits).
 
 A failure here is only logged: the normal path builds the same things again and reports the error. The
 threads run at a lower CPU priority (Linux: niceness is per thread), so on a busy machine they only take
@@ -84,6 +86,15 @@ class ServerPrewarm:
         return policy, datasets
 
 
+_CLIENT_THREADS: list[threading.Thread] = []
+
+
+def wait_for_client_prewarm() -> None:
+    """Wait until every client prewarm thread of this process has ended."""
+    while _CLIENT_THREADS:
+        _CLIENT_THREADS.pop().join()
+
+
 #: Modules a client's first training round needs beyond what the query round imported.
 CLIENT_MODULES = (
     "lerobot.policies.factory",
@@ -107,4 +118,5 @@ def prewarm_client_imports(modules: tuple[str, ...] = CLIENT_MODULES) -> threadi
 
     thread = threading.Thread(target=work, name="zk0-client-prewarm", daemon=True)
     thread.start()
+    _CLIENT_THREADS.append(thread)
     return thread
