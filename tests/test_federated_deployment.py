@@ -25,15 +25,16 @@ import psutil
 import pytest
 from _fixtures_federated import make_datasets
 
-from zk0_pipelines.federated import launcher
-from zk0_pipelines.federated.deployment import LocalDeployment, write_node_keys
+from zk0_pipelines.federated import launch_records, launcher, superlink
+from zk0_pipelines.federated.deployment import LocalDeployment
+from zk0_pipelines.federated.pki import write_node_keys
 
 
 def _missing_tools() -> list[str]:
     missing = []
     for name in ("flower-superlink", "flower-supernode", "flwr"):
         try:
-            launcher._tool(name)
+            launch_records.tool_path(name)
         except FileNotFoundError:
             missing.append(name)
     return missing
@@ -64,7 +65,7 @@ def test_tls_is_on_and_an_unregistered_supernode_is_refused(
         (registered,) = dep.node_ids.values()
         cmd = psutil.Process(dep.superlink.pid).cmdline()
         assert "--enable-supernode-auth" in cmd and "--insecure" not in cmd
-        conf = tomllib.loads((dep.flwr_home / "config.toml").read_text())["superlink"][launcher.CONNECTION]
+        conf = tomllib.loads((dep.flwr_home / "config.toml").read_text())["superlink"][superlink.CONNECTION]
         assert conf["root-certificates"] == str(dep.tls.ca_cert.resolve()) and "insecure" not in conf
         # TLS: plain HTTP gets no answer, HTTPS is trusted only with this launch's CA
         with pytest.raises(httpx.HTTPError):
@@ -86,7 +87,7 @@ def test_tls_is_on_and_an_unregistered_supernode_is_refused(
     finally:
         dep.stop()
         dep.cleanup()  # the launch's Flower home: certificates, keys, node configs
-    assert not launcher.launch_processes(dep.launch_id)
+    assert not launch_records.launch_processes(dep.launch_id)
     assert not dep.flwr_home.exists()
 
 
@@ -118,7 +119,7 @@ class _KillSupernodeInRoundTwo(threading.Thread):
     def _snapshot_nodes(self, launch_id: str, flwr_home: Path) -> None:
         for path in (flwr_home / "keys").glob("*.node-config.toml"):
             self.node_configs[path.name.split(".")[0]] = tomllib.loads(path.read_text())
-        for proc in launcher.launch_processes(launch_id):
+        for proc in launch_records.launch_processes(launch_id):
             try:
                 cmd = proc.cmdline()
             except psutil.Error:
@@ -151,7 +152,9 @@ class _KillSupernodeInRoundTwo(threading.Thread):
             f"the deployment run exceeded {self.timeout_s:.0f}s (killed SuperNode: {bool(self.killed)})"
         )
         for record in self.runs_dir.glob("*/logs/launch-*.json"):
-            launcher.kill_processes(launcher.launch_processes(json.loads(record.read_text())["launch-id"]))
+            launch_records.kill_processes(
+                launch_records.launch_processes(json.loads(record.read_text())["launch-id"])
+            )
 
 
 def _snapshot_asset(train: list[Path], evals: list[Path]) -> dg.AssetsDefinition:
@@ -250,7 +253,7 @@ def test_dagster_deployment_run_registers_a_model_and_tolerates_a_killed_superno
 
     launch = json.loads(next((run_dir / "logs").glob("launch-*.json")).read_text())
     assert launch["status"] == "stopped"
-    assert not launcher.launch_processes(launch["launch-id"])
+    assert not launch_records.launch_processes(launch["launch-id"])
     assert not Path(launch["flwr-home"]).exists()  # certificates and keys removed after success
     print(f"deployment-mode Dagster run: {elapsed:.0f}s")
 

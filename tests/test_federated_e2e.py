@@ -15,7 +15,7 @@ import pytest
 import torch
 from _fixtures_federated import TINY_CONFIG, make_datasets, start_launcher_subprocess, wait_until
 
-from zk0_pipelines.federated import launcher, task
+from zk0_pipelines.federated import launch_records, task
 from zk0_pipelines.federated import recorder as rec
 from zk0_pipelines.federated.launcher import run_federated
 
@@ -39,7 +39,7 @@ def result(base, datasets):
     before = {p.pid for p in psutil.Process().children(recursive=True)}
     res = run_federated(train, evals, base / "run", dict(TINY_CONFIG), timeout_s=900)
     leftovers = [p for p in psutil.Process().children(recursive=True) if p.pid not in before]
-    leftovers += launcher.launch_processes(res.extra["launch-id"])
+    leftovers += launch_records.launch_processes(res.extra["launch-id"])
     return res, train, evals, leftovers
 
 
@@ -120,18 +120,18 @@ def test_a_run_killed_mid_round_resumes_to_the_same_weights(base, datasets, resu
     (record_path,) = (run_dir / "logs").glob("launch-*.json")
     killed = json.loads(record_path.read_text())
     assert killed["status"] == "running"
-    orphans = launcher.launch_processes(killed["launch-id"])
+    orphans = launch_records.launch_processes(killed["launch-id"])
     try:
         # the SuperLink and `flwr run` lead sessions of their own: the SIGKILL did not reach them
         assert orphans, "expected the killed launch to leave its SuperLink running"
         resumed = run_federated(train, evals, run_dir, dict(TINY_CONFIG, resume=True), timeout_s=900)
     finally:
-        launcher.kill_processes(launcher.launch_processes(killed["launch-id"]))
+        launch_records.kill_processes(launch_records.launch_processes(killed["launch-id"]))
 
     assert resumed.extra["reaped-launches"] == [killed["launch-id"]]
     assert json.loads(record_path.read_text())["status"] == "reaped"
-    assert not launcher.launch_processes(killed["launch-id"])
-    assert not launcher.launch_processes(resumed.extra["launch-id"])
+    assert not launch_records.launch_processes(killed["launch-id"])
+    assert not launch_records.launch_processes(resumed.extra["launch-id"])
     assert not any(p.is_running() and p.status() != psutil.STATUS_ZOMBIE for p in orphans)
     assert not os.path.exists(killed["flwr-home"])
 

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from zk0_pipelines.federated import launcher
+from zk0_pipelines.federated import app_folder, launch_records, launcher
 from zk0_pipelines.federated.run_config import KEYS, defaults, parse_run_config, pyproject_app_config
 
 REPO = Path(__file__).resolve().parents[1]
@@ -107,7 +107,7 @@ def test_launcher_checks_before_starting(tmp_path):
 def test_generated_app_pyproject(tmp_path):
     a, b = _dataset(tmp_path / "a"), _dataset(tmp_path / "b")
     cfg = launcher.build_run_config([a, b], [], tmp_path / "run", {"seed": 7})
-    doc = tomllib.loads(launcher.app_pyproject(cfg))
+    doc = tomllib.loads(app_folder.app_pyproject(cfg))
     assert doc["tool"]["flwr"]["app"]["components"] == {
         "serverapp": "zk0_pipelines.federated.server_app:app",
         "clientapp": "zk0_pipelines.federated.client_app:app",
@@ -119,9 +119,9 @@ def test_generated_app_pyproject(tmp_path):
 
 
 def _record(run_dir: Path, launch_id: str, launcher_pid: int, home: Path) -> Path:
-    path = run_dir / "logs" / launcher.LAUNCH_RECORD.format(launch_id)
+    path = run_dir / "logs" / launch_records.LAUNCH_RECORD.format(launch_id)
     path.parent.mkdir(parents=True, exist_ok=True)
-    entry = launcher._identity(launcher_pid) or {"pid": launcher_pid, "create-time": 0.0}
+    entry = launch_records.process_identity(launcher_pid) or {"pid": launcher_pid, "create-time": 0.0}
     payload = {"launch-id": launch_id, "status": "running", "launcher": entry, "flwr-home": str(home)}
     path.write_text(json.dumps(payload))
     return path
@@ -131,24 +131,24 @@ def test_stale_launches_are_reaped_and_live_ones_refused(tmp_path, monkeypatch):
     monkeypatch.setenv("FLWR_HOME", str(tmp_path / "flwr"))
     home = tmp_path / "flwr" / "launches" / "dead0001"
     home.mkdir(parents=True)
-    env = dict(os.environ, **{launcher.LAUNCH_ENV: "dead0001"})
+    env = dict(os.environ, **{launch_records.LAUNCH_ENV: "dead0001"})
     orphan = subprocess.Popen(["sleep", "60"], env=env, start_new_session=True)
     gone = subprocess.Popen(["true"])
     gone.wait()  # a launcher that no longer exists
     try:
         path = _record(tmp_path / "run", "dead0001", gone.pid, home)
-        assert [p.pid for p in launcher.launch_processes("dead0001")] == [orphan.pid]
-        reaped = launcher.reap_stale_launches(tmp_path / "run")
+        assert [p.pid for p in launch_records.launch_processes("dead0001")] == [orphan.pid]
+        reaped = launch_records.reap_stale_launches(tmp_path / "run")
         assert [r["launch-id"] for r in reaped] == ["dead0001"]
         assert orphan.wait(timeout=10) is not None and not home.exists()
         assert json.loads(path.read_text())["status"] == "reaped"
-        assert launcher.reap_stale_launches(tmp_path / "run") == []  # idempotent
+        assert launch_records.reap_stale_launches(tmp_path / "run") == []  # idempotent
 
         alive = subprocess.Popen(["sleep", "60"])
         try:
             _record(tmp_path / "busy", "live0001", alive.pid, home)
-            with pytest.raises(launcher.FederatedRunError, match="in use by launch live0001"):
-                launcher.reap_stale_launches(tmp_path / "busy")
+            with pytest.raises(launch_records.FederatedRunError, match="in use by launch live0001"):
+                launch_records.reap_stale_launches(tmp_path / "busy")
         finally:
             alive.kill()
             alive.wait()

@@ -35,18 +35,29 @@ def _dagster_home() -> Path:
 
 
 def run_demo() -> int:
-    """Ingest every registry dataset, train federated, register and release, recorded in dagster_home."""
+    """Ingest every registry dataset, train federated, register and release, recorded in dagster_home.
+
+    Prints a short progress view; Dagster's, Flower's and the libraries' output goes to a log file."""
     _dagster_home()
     settings.configure_local_env()
-    import dagster as dg
+    from zk0_pipelines.demo_console import RoundWatcher, logs_to_file
 
-    from zk0_pipelines.definitions import defs
-    from zk0_pipelines.demo import run_lineage
+    log_path = settings.state_dir() / "logs" / f"demo-{time.strftime('%Y%m%d-%H%M%S')}.log"
+    print(f"demo: Dagster, Flower and library logs go to {log_path}", flush=True)
+    started = time.monotonic()
+    with logs_to_file(log_path) as terminal:
 
-    with dg.DagsterInstance.get() as instance:
-        started = time.monotonic()
-        summary = run_lineage(defs, instance)
-        print(f"demo: finished in {time.monotonic() - started:.0f} s")
+        def show(line: str) -> None:
+            print(line, file=terminal, flush=True)
+
+        import dagster as dg
+
+        from zk0_pipelines.definitions import defs
+        from zk0_pipelines.demo import run_lineage
+
+        with dg.DagsterInstance.get() as instance, RoundWatcher(settings.runs_dir(), show):
+            summary = run_lineage(defs, instance, progress=show)
+    print(f"demo: finished in {time.monotonic() - started:.0f} s (logs: {log_path})")
     for line in summary.lines():
         print(line)
     return 0 if summary.ok else 1

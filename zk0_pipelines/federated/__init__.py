@@ -10,7 +10,7 @@ from zk0_pipelines._lazy import lazy_exports
 
 _EXPORTS = {
     "FederatedResult": "launcher",
-    "FederatedRunError": "launcher",
+    "FederatedRunError": "launch_records",
     "run_federated": "launcher",
     "RunConfig": "run_config",
     "parse_run_config": "run_config",

@@ -91,7 +91,10 @@ def _info(root: Path, pid: int, **extra) -> ConfigRecord:
 
 
 def _runtime(cfg: RunConfig, root: Path, conf: ConfigRecord):
+    from zk0_pipelines.federated.prewarm import wait_for_client_prewarm
     from zk0_pipelines.federated.runtime import get_client_runtime
+
+    wait_for_client_prewarm()  # nothing may run beside seeded work (prewarm module doc)
 
     for key in ("frozen-fingerprint", "norm-stats"):
         if key not in conf:
@@ -108,7 +111,10 @@ def _stats_json(conf: ConfigRecord) -> str:
 
 @app.query()
 def query(msg: Message, context: Context) -> Message:
-    """Report the local dataset's normalisation stats, features and frame count."""
+    """Report the local dataset's normalisation stats, features and frame count; then import the policy
+    stacks in the background while the server builds (``prewarm`` module)."""
+    from zk0_pipelines.federated.prewarm import prewarm_client_imports
+
     _, root, pid = _setup(context)
     meta = task.open_metadata(root)
     features, stats, cameras = task.policy_view(root, meta)
@@ -122,6 +128,7 @@ def query(msg: Message, context: Context) -> Message:
             "cameras-json": json.dumps(cameras.to_dict(), sort_keys=True),
         },
     )
+    prewarm_client_imports()
     return Message(RecordDict({INFO_KEY: info}), reply_to=msg)
 
 

@@ -1,10 +1,11 @@
 """Run the federated app on Flower's deployment runtime: a SuperLink and one SuperNode per client dataset.
 
-``LocalDeployment`` is the deployment counterpart of ``launcher.LocalSimulation`` (same launch record,
-process tracking, stale-launch reaping and ``flwr run`` streaming). It starts, all on 127.0.0.1:
+``LocalDeployment`` is the deployment counterpart of ``superlink.SimulationSuperLink``: a
+``superlink.TlsSuperLink`` (same launch record, process tracking, stale-launch reaping and ``flwr run``
+streaming) plus SuperNodes. It starts, all on 127.0.0.1:
 
 1. a throwaway TLS certificate authority and a server certificate for ``127.0.0.1``/``localhost``
-   (``write_tls_files``) and one ECDSA P-384 key pair per SuperNode (``write_node_keys``, OpenSSH
+   (``pki.write_tls_files``) and one ECDSA P-384 key pair per SuperNode (``pki.write_node_keys``, OpenSSH
    format, what ``flower-supernode --auth-supernode-private-key`` and ``flwr supernode register`` read);
 2. ``flower-superlink`` with TLS (``--ssl-ca-certfile/--ssl-certfile/--ssl-keyfile``) and SuperNode
    authentication (``--enable-supernode-auth``): only nodes whose public key was registered through the
@@ -29,52 +30,22 @@ certificate and key files for them.
 from __future__ import annotations
 
 import argparse
-import contextlib
-import datetime
-import ipaddress
 import json
 import logging
-import os
-import ssl
 import subprocess
 import time
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from zk0_pipelines.federated.launcher import (
-    CONNECTION,
-    FederatedRunError,
-    LocalSimulation,
-    _tool,
-    free_port,
-    superlink_command,
-    write_connection_config,
-)
+from zk0_pipelines.federated.app_folder import write_app
+from zk0_pipelines.federated.launch_records import FederatedRunError, free_port, stop_tree, tool_path
+from zk0_pipelines.federated.pki import DEFAULT_TLS_HOSTS, NodeKeys, write_node_keys, write_tls_files
+from zk0_pipelines.federated.superlink import CONNECTION, TlsSuperLink
 
 log = logging.getLogger(__name__)
-
-DEFAULT_TLS_HOSTS = ("127.0.0.1", "localhost")
-CERT_VALIDITY_DAYS = 30
-
-
-@dataclass(frozen=True)
-class TlsFiles:
-    """PEM files of a certificate authority and a server certificate it signed."""
-
-    ca_cert: Path
-    server_cert: Path
-    server_key: Path
-
-
-@dataclass(frozen=True)
-class NodeKeys:
-    """A SuperNode's ECDSA key pair in OpenSSH format (private key 0600)."""
-
-    name: str
-    private_key: Path
-    public_key: Path
 
 
 @dataclass
@@ -89,122 +60,6 @@ class SuperNodeProcess:
     partition_id: int = -1
 
 
-def _write_private(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "wb") as fh:
-        fh.write(data)
-
-
-def _san(hosts: Sequence[str]):
-    from cryptography import x509
-
-    names: list[x509.GeneralName] = []
-    for host in hosts:
-        try:
-            names.append(x509.IPAddress(ipaddress.ip_address(host)))
-        except ValueError:
-            names.append(x509.DNSName(host))
-    return x509.SubjectAlternativeName(names)
-
-
-def write_tls_files(
-    folder: Path, hosts: Sequence[str] = DEFAULT_TLS_HOSTS, *, days: int = CERT_VALIDITY_DAYS
-) -> TlsFiles:
-    """Write a new CA (``ca.crt``) and a server certificate + key for ``hosts`` (``server.pem/.key``).
-
-    ``hosts`` are IP addresses or DNS names the SuperLink is reached at; they go into the certificate's
-    subjectAltName (TLS clients check it). Keys are ECDSA P-384; private keys are written 0600.
-    """
-    from cryptography import x509
-    from cryptography.hazmat.primitives import hashes, serialization
-    from cryptography.hazmat.primitives.asymmetric import ec
-    from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
-
-    if not hosts:
-        raise ValueError("write_tls_files needs at least one host name or IP address")
-    folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    now = datetime.datetime.now(datetime.UTC)
-    valid_from, valid_to = now - datetime.timedelta(minutes=5), now + datetime.timedelta(days=days)
-
-    ca_key = ec.generate_private_key(ec.SECP384R1())
-    ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "zk0 federation CA")])
-    ca_ski = x509.SubjectKeyIdentifier.from_public_key(ca_key.public_key())
-    ca_cert = (
-        x509.CertificateBuilder()
-        .subject_name(ca_name)
-        .issuer_name(ca_name)
-        .public_key(ca_key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(valid_from)
-        .not_valid_after(valid_to)
-        .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
-        .add_extension(
-            x509.KeyUsage(
-                digital_signature=True,
-                content_commitment=False,
-                key_encipherment=False,
-                data_encipherment=False,
-                key_agreement=False,
-                key_cert_sign=True,
-                crl_sign=True,
-                encipher_only=False,
-                decipher_only=False,
-            ),
-            critical=True,
-        )
-        .add_extension(ca_ski, critical=False)
-        .sign(ca_key, hashes.SHA384())
-    )
-
-    server_key = ec.generate_private_key(ec.SECP384R1())
-    server_cert = (
-        x509.CertificateBuilder()
-        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, hosts[0])]))
-        .issuer_name(ca_name)
-        .public_key(server_key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(valid_from)
-        .not_valid_after(valid_to)
-        .add_extension(_san(hosts), critical=False)
-        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
-        .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
-        .add_extension(x509.SubjectKeyIdentifier.from_public_key(server_key.public_key()), critical=False)
-        .add_extension(x509.AuthorityKeyIdentifier.from_issuer_subject_key_identifier(ca_ski), critical=False)
-        .sign(ca_key, hashes.SHA384())
-    )
-
-    pem = serialization.Encoding.PEM
-    files = TlsFiles(folder / "ca.crt", folder / "server.pem", folder / "server.key")
-    files.ca_cert.write_bytes(ca_cert.public_bytes(pem))
-    files.server_cert.write_bytes(server_cert.public_bytes(pem))
-    _write_private(
-        files.server_key,
-        server_key.private_bytes(pem, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()),
-    )
-    # the CA key is not kept: a new federation gets a new CA (nothing else can be signed by this one)
-    return files
-
-
-def write_node_keys(folder: Path, name: str) -> NodeKeys:
-    """Write a SuperNode key pair ``<name>`` / ``<name>.pub`` (ECDSA P-384, OpenSSH format)."""
-    from cryptography.hazmat.primitives import serialization
-    from cryptography.hazmat.primitives.asymmetric import ec
-
-    key = ec.generate_private_key(ec.SECP384R1())
-    keys = NodeKeys(name, Path(folder) / name, Path(folder) / f"{name}.pub")
-    _write_private(
-        keys.private_key,
-        key.private_bytes(
-            serialization.Encoding.PEM, serialization.PrivateFormat.OpenSSH, serialization.NoEncryption()
-        ),
-    )
-    public = key.public_key().public_bytes(serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH)
-    keys.public_key.write_bytes(public + f" {name}\n".encode())
-    return keys
-
-
 def node_config_toml(dataset: Path, partition_id: int | None = None) -> str:
     """The SuperNode's node config file: its own dataset folder (and optionally its partition id)."""
     text = str(Path(dataset).resolve()).replace("\\", "\\\\").replace('"', '\\"')
@@ -214,32 +69,17 @@ def node_config_toml(dataset: Path, partition_id: int | None = None) -> str:
     return "\n".join(lines) + "\n"
 
 
-def write_app(folder: Path, config: dict[str, Any]) -> Path:
-    """Write the app folder (``pyproject.toml`` only) for a validated run ``config``; returns its file.
-
-    In deployment the clients' datasets come from their SuperNodes' node config, so ``train-datasets``
-    may stay empty; ``eval-datasets`` and ``output-dir`` are paths on the SuperLink's machine.
-    """
-    from zk0_pipelines.federated.launcher import app_pyproject
-    from zk0_pipelines.federated.run_config import parse_run_config
-
-    path = Path(folder) / "pyproject.toml"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(app_pyproject(parse_run_config(config)))
-    return path
-
-
 def _json_tail(out: str) -> Any:
     """The JSON document at the end of a flwr CLI output (the CLI may print a banner first)."""
     return json.loads(out[out.index("{") :])
 
 
-class LocalDeployment(LocalSimulation):
+class LocalDeployment(TlsSuperLink):
     """A TLS + node-authenticated SuperLink and one SuperNode per dataset on 127.0.0.1 (module doc).
 
-    A drop-in for ``LocalSimulation`` in ``launcher.run_federated``: ``start()`` brings up the SuperLink,
-    registers the nodes' keys and starts the SuperNodes; ``run_app`` submits the app; ``stop()`` stops
-    the SuperNodes (SIGTERM, so they deactivate), then the SuperLink and anything left of the launch.
+    ``start()`` brings up the SuperLink, registers the nodes' keys and starts the SuperNodes; ``run_app``
+    submits the app; ``stop()`` stops the SuperNodes (SIGTERM, so they deactivate), then the SuperLink and
+    anything left of the launch.
     """
 
     def __init__(
@@ -253,95 +93,30 @@ class LocalDeployment(LocalSimulation):
         tls_hosts: Sequence[str] = DEFAULT_TLS_HOSTS,
     ) -> None:
         super().__init__(
-            run_dir, num_cpus=1, startup_timeout_s=startup_timeout_s, torch_threads=torch_threads
+            run_dir, startup_timeout_s=startup_timeout_s, torch_threads=torch_threads, tls_hosts=tls_hosts
         )
         self.train_roots = [Path(p).resolve() for p in train_roots]
         self.nodes_timeout_s = nodes_timeout_s
-        self.tls_hosts = tuple(tls_hosts)
-        self.tls_dir = self.flwr_home / "tls"
         self.keys_dir = self.flwr_home / "keys"
-        self.tls: TlsFiles | None = None
         self.supernodes: list[SuperNodeProcess] = []
         self.node_ids: dict[str, int] = {}
 
-    # -- SuperLink ---------------------------------------------------------------------------------------
     def start(self) -> None:
         """SuperLink (TLS + node auth), then register and start one SuperNode per training dataset."""
         self.start_superlink()
-        for index, root in enumerate(self.train_roots):
-            name = f"node-{index}"
-            keys = write_node_keys(self.keys_dir, name)
-            self.node_ids[name] = self.register_node(keys)
-            self.start_supernode(root, keys, partition_id=index)
+        keys = [write_node_keys(self.keys_dir, f"node-{i}") for i in range(len(self.train_roots))]
+        # one `flwr supernode register` process per node, all at once (each is mostly interpreter start-up)
+        with ThreadPoolExecutor(max_workers=max(1, len(keys))) as pool:
+            node_ids = list(pool.map(self.register_node, keys))
+        for index, (root, key, node_id) in enumerate(zip(self.train_roots, keys, node_ids, strict=True)):
+            self.node_ids[key.name] = node_id
+            self.start_supernode(root, key, partition_id=index)
         if self.train_roots:
             self.wait_nodes_online(list(self.node_ids.values()), self.nodes_timeout_s)
 
     def start_superlink(self) -> None:
         """Start ``flower-superlink`` with TLS and SuperNode authentication; wait for its health check."""
-        self.logs_dir.mkdir(parents=True, exist_ok=True)
-        self.flwr_home.mkdir(parents=True, exist_ok=True)  # no Ray here: RAY_TMPDIR stays unused
-        self._write_record("running")
-        self.tls = write_tls_files(self.tls_dir, self.tls_hosts)
-        for attempt in range(3):
-            self.port = free_port()
-            write_connection_config(
-                self.flwr_home, self.port, f'root-certificates = "{self.tls.ca_cert.resolve()}"'
-            )
-            security = [
-                "--ssl-ca-certfile",
-                str(self.tls.ca_cert),
-                "--ssl-certfile",
-                str(self.tls.server_cert),
-                "--ssl-keyfile",
-                str(self.tls.server_key),
-                "--enable-supernode-auth",
-            ]
-            cmd = superlink_command(self.port, security)
-            self.superlink = self._popen(cmd, self.logs_dir / "superlink.out")
-            if self._wait_healthy():
-                log.info("SuperLink (TLS, node auth) pid %d on 127.0.0.1:%d", self.superlink.pid, self.port)
-                return
-            log.warning("SuperLink did not come up on port %d (attempt %d)", self.port, attempt + 1)
-            self._stop_tree(self.superlink)
-        raise FederatedRunError(f"flower-superlink failed to start; see {self.logs_dir / 'superlink.out'}")
-
-    def _popen(self, cmd: list[str], log_path: Path) -> subprocess.Popen:
-        with open(log_path, "ab") as out:
-            proc = subprocess.Popen(
-                cmd,
-                env=self.env(),
-                cwd=self.run_dir,
-                stdout=out,
-                stderr=subprocess.STDOUT,
-                stdin=subprocess.DEVNULL,
-                start_new_session=True,
-            )
-        self._track(proc)
-        return proc
-
-    def ssl_context(self) -> ssl.SSLContext:
-        """A client TLS context that trusts only this launch's CA."""
-        if self.tls is None:
-            raise FederatedRunError("the SuperLink's TLS files are not written yet (start() first)")
-        return ssl.create_default_context(cafile=str(self.tls.ca_cert))
-
-    def health_url(self) -> str:
-        """The SuperLink's health endpoint (HTTPS)."""
-        return f"https://127.0.0.1:{self.port}/health"
-
-    def _wait_healthy(self) -> bool:
-        import httpx
-
-        deadline = time.monotonic() + self.startup_timeout_s
-        context = self.ssl_context()
-        while time.monotonic() < deadline:
-            if self.superlink is None or self.superlink.poll() is not None:
-                return False
-            with contextlib.suppress(httpx.HTTPError):
-                if httpx.get(self.health_url(), timeout=1.0, verify=context).is_success:
-                    return True
-            time.sleep(0.3)
-        return False
+        super().start()
 
     # -- nodes -------------------------------------------------------------------------------------------
     def register_node(self, keys: NodeKeys) -> int:
@@ -387,7 +162,7 @@ class LocalDeployment(LocalSimulation):
         node_config.write_text(node_config_toml(dataset, partition_id))
         log_path = self.logs_dir / f"supernode-{keys.name}.out"
         cmd = [
-            _tool("flower-supernode"),
+            tool_path("flower-supernode"),
             "--superlink",
             f"127.0.0.1:{self.port}",
             "--root-certificates",
@@ -418,15 +193,10 @@ class LocalDeployment(LocalSimulation):
         """The SuperNode's output so far."""
         return node.log_path.read_text(errors="replace") if node.log_path.is_file() else ""
 
-    # -- run ---------------------------------------------------------------------------------------------
-    def run_command(self, app_dir: Path, num_supernodes: int) -> list[str]:
-        """``flwr run <app> <connection> --stream`` (the nodes are already connected)."""
-        return [_tool("flwr"), "run", str(app_dir), CONNECTION, "--stream"]
-
     def stop(self) -> None:
         """SIGTERM the SuperNodes (they deactivate), then stop the SuperLink and the rest of the launch."""
         for node in self.supernodes:
-            self._stop_tree(node.proc, grace_s=10.0)
+            stop_tree(node.proc, grace_s=10.0)
         super().stop()
 
 

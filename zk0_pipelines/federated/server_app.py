@@ -41,6 +41,7 @@ from zk0_pipelines.datasets.cameras import export_rename_map
 from zk0_pipelines.datasets.so100 import CAMERA_KEYS as POLICY_CAMERAS
 from zk0_pipelines.federated import privacy, task, wire
 from zk0_pipelines.federated import recorder as rec
+from zk0_pipelines.federated.prewarm import ServerPrewarm
 from zk0_pipelines.federated.run_config import RunConfig, parse_run_config
 from zk0_pipelines.federated.strategy import ClientFailure, make_strategy, sample_size
 
@@ -162,6 +163,7 @@ class ServerEvaluator:
         features: dict[str, Any],
         postprocessor=None,
         stats: dict[str, Any] | None = None,
+        opened: dict[Path, Any] | None = None,
     ) -> None:
         self.cfg = cfg
         self.policy = policy
@@ -169,6 +171,7 @@ class ServerEvaluator:
         self.postprocessor = postprocessor
         self.datasets: dict[str, Any] = {}
         self.preprocessors: dict[str, Any] = {}
+        opened = opened or {}
         for index, root in enumerate(cfg.eval_paths):
             meta = task.open_metadata(root)
             eval_features, _, cameras = task.policy_view(root, meta)
@@ -176,7 +179,7 @@ class ServerEvaluator:
                 [("the clients' datasets", features), (f"eval dataset {root}", eval_features)]
             )
             name = root.name if root.name not in self.datasets else f"{root.name}-{index}"
-            self.datasets[name] = task.open_dataset(root, policy, meta)
+            self.datasets[name] = opened.get(root) or task.open_dataset(root, policy, meta)
             if not cameras.is_identity:  # the same processors, reading this dataset's camera names
                 from zk0_pipelines.policy import build_processors
 
@@ -302,6 +305,7 @@ def _run(
     np.random.seed(cfg.seed % 2**32)
     torch.manual_seed(cfg.seed)
 
+    prewarm = ServerPrewarm(cfg)  # builds the policy and opens the eval datasets while clients start
     startup: dict[str, float] = {}
     t0 = time.perf_counter()
     node_ids = wait_for_quorum(grid, cfg.min_available_clients, cfg.quorum_timeout_s)
@@ -328,7 +332,10 @@ def _run(
         },
     )
 
-    policy = build_policy(cfg.policy_spec(), task.PolicyMeta(features=features, stats=stats))
+    policy, opened = prewarm.take_policy(features)
+    startup["prewarmed"] = float(policy is not None)
+    if policy is None:
+        policy = build_policy(cfg.policy_spec(), task.PolicyMeta(features=features, stats=stats))
     preprocessor, postprocessor = build_processors(policy, stats)
     export_rename = export_rename_map([(r.cameras or {}).get("rename") or {} for r in reports])
     # what checkpoints and the final folder carry: the clients' camera renaming (lerobot rename_map)
@@ -356,7 +363,7 @@ def _run(
         log.info("resuming after round %d from %s", offset, folder)
     load_trainable_state(policy, state)
 
-    evaluator = ServerEvaluator(cfg, policy, preprocessor, features, postprocessor, stats)
+    evaluator = ServerEvaluator(cfg, policy, preprocessor, features, postprocessor, stats, opened)
     startup["server-build-s"] = time.perf_counter() - t0
     recorder.set("startup", startup)
     last = {
