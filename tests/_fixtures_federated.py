@@ -156,3 +156,21 @@ def wait_until(predicate, proc: subprocess.Popen, timeout_s: float, what: str, l
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out waiting for {what}:\n{log_path.read_text()[-3000:]}")
         time.sleep(0.2)
+
+
+class FakeGrid:
+    """What a strategy's ``configure_train`` needs from a Grid: the connected node ids."""
+
+    def __init__(self, node_ids: list[int]) -> None:
+        self.node_ids = node_ids
+
+    def get_node_ids(self) -> list[int]:
+        return list(self.node_ids)
+
+
+@pytest.fixture(autouse=True)
+def task_identity() -> None:
+    """Flower's task identity that messages built outside a run need (import it in the test module)."""
+    from flwr.supercore.task_identity import TaskIdentity
+
+    TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 1, 1

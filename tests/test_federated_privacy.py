@@ -6,6 +6,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from _fixtures_federated import FakeGrid, task_identity  # noqa: F401
 from flwr.app import ConfigRecord, Context, Message, MessageType, MetricRecord, RecordDict
 
 from zk0_pipelines.federated import privacy, wire
@@ -16,23 +17,6 @@ from zk0_pipelines.federated.strategy import make_strategy, sample_size
 SIZE = 4096
 MASTER = {"a": torch.linspace(-1.0, 1.0, SIZE), "b": torch.zeros(8, 16)}
 SIGMA, CLIP = 0.7, 0.5
-
-
-class FakeGrid:
-    """What ``configure_train`` needs from a Grid: the connected node ids."""
-
-    def __init__(self, node_ids: list[int]) -> None:
-        self.node_ids = node_ids
-
-    def get_node_ids(self) -> list[int]:
-        return list(self.node_ids)
-
-
-@pytest.fixture(autouse=True)
-def _task_identity():
-    from flwr.supercore.task_identity import TaskIdentity
-
-    TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 1, 1
 
 
 def _update(pid: int, scale: float) -> dict[str, torch.Tensor]:

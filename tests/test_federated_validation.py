@@ -7,6 +7,7 @@ import math
 import numpy as np
 import pytest
 import torch
+from _fixtures_federated import FakeGrid, task_identity  # noqa: F401
 from flwr.app import Array, ArrayRecord, ConfigRecord, Error, Message, MetricRecord, RecordDict
 
 from zk0_pipelines.federated import validation, wire
@@ -15,23 +16,6 @@ from zk0_pipelines.federated.run_config import parse_run_config
 from zk0_pipelines.federated.strategy import QuorumFailure, make_strategy
 
 MASTER = {"a": torch.tensor([1.0, 2.0, 3.0]), "b": torch.tensor([[0.5, -0.5]])}
-
-
-class FakeGrid:
-    """What ``configure_train`` needs from a Grid: the connected node ids."""
-
-    def __init__(self, node_ids: list[int]) -> None:
-        self.node_ids = node_ids
-
-    def get_node_ids(self) -> list[int]:
-        return list(self.node_ids)
-
-
-@pytest.fixture(autouse=True)
-def _task_identity():
-    from flwr.supercore.task_identity import TaskIdentity
-
-    TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 1, 1
 
 
 def _clients(n: int) -> dict[int, dict]:
