@@ -115,6 +115,22 @@ def test_promotion_flow(registry: ModelRegistry, logged: str) -> None:
     assert registry.client.get_model_version(name, "1").aliases == []
 
 
+def test_a_champion_evaluated_on_other_datasets_is_not_compared(registry: ModelRegistry, logged: str) -> None:
+    name = "zk0-eval-sets"
+
+    def register(loss: float, eval_set: str, **kw):
+        tags = {"dvc_md5": "abc.dir", "datasets": {"eval": eval_set}}
+        return registry.register_version(name, logged, tags=tags, eval_loss=loss, **kw)
+
+    assert register(4.0, "synthetic_eval").promoted
+    other = register(2.0, "sim_lab_eval")
+    assert not other.promoted and other.aliases == [CHALLENGER]
+    assert "'synthetic_eval'" in other.decision and "not comparable" in other.decision
+    assert str(registry.champion(name).version) == "1"
+    assert register(3.0, "synthetic_eval").promoted  # the same eval set: compared as always
+    assert register(9.0, "sim_lab_eval", promote_rule="always").promoted
+
+
 def test_promote_rules(registry: ModelRegistry, logged: str) -> None:
     name = "zk0-rules"
     never = _register(registry, logged, name, 0.1, promote_rule="never")

@@ -35,6 +35,8 @@ log = logging.getLogger(__name__)
 
 CHALLENGER = "challenger"
 CHAMPION = "champion"
+#: Version tag naming the held-out datasets its eval metrics were computed on (set by the lineage).
+EVAL_SET_TAG = "datasets.eval"
 EVAL_LOSS_TAG = "eval_loss"
 ACTION_MSE_TAG = "action_mse"
 SUCCESS_RATE_TAG = "success_rate"
@@ -690,9 +692,11 @@ class ModelRegistry:
         The new version gets alias ``challenger``. It also becomes ``champion`` when ``promote_rule``
         is ``"always"``, or ``"lower_eval_loss"`` (``"lower_action_mse"``) and there is no champion or
         ``eval_loss`` (``action_mse``, the raw-unit action-chunk MSE) is strictly below the champion's
-        tag of the same name. The decision and the numbers are stored as version tags
-        (``zk0.promotion.decision``, ``zk0.promotion.metric``, ``zk0.promotion.champion_eval_loss``,
-        ``zk0.promotion.champion_action_mse``, ``eval_loss``, ``action_mse``).
+        tag of the same name, both computed on the same held-out datasets (tag ``datasets.eval``; a
+        champion evaluated on other datasets is not compared). The decision and the numbers are stored as
+        version tags (``zk0.promotion.decision``, ``zk0.promotion.metric``,
+        ``zk0.promotion.champion_eval_loss``, ``zk0.promotion.champion_action_mse``, ``eval_loss``,
+        ``action_mse``).
         """
         metric = promotion_metric(promote_rule)
         loss = float(eval_loss) if eval_loss is not None else None
@@ -727,6 +731,10 @@ class ModelRegistry:
                     False,
                     "kept as challenger until rollout_evaluation compares success rates",
                 )
+            elif promote_rule in ("lower_eval_loss", "lower_action_mse") and (
+                other_eval := _other_eval_set(current, version_tags)
+            ):
+                promoted, decision = False, other_eval
             else:
                 promoted, decision = _decide(promote_rule, metric, new[metric], current, champ[metric])
             version_tags["zk0.promotion.rule"] = promote_rule
@@ -838,6 +846,23 @@ def _decide_higher(metric: str, value: float, current, champ_value: float | None
     if value > champ_value:
         return True, f"promoted: {metric} {value:.6g} > champion v{current.version} {champ_value:.6g}"
     return False, f"kept as challenger: {metric} {value:.6g} <= champion v{current.version} {champ_value:.6g}"
+
+
+def _other_eval_set(current, version_tags: Mapping[str, str]) -> str | None:
+    """Why the champion cannot be compared (it was evaluated on other held-out datasets), or None.
+
+    A metric of another eval set says nothing about which model is better; ``always``/``never`` rules and
+    versions without a recorded eval set are not affected.
+    """
+    if current is None:
+        return None
+    mine, theirs = version_tags.get(EVAL_SET_TAG), (current.tags or {}).get(EVAL_SET_TAG)
+    if not mine or not theirs or mine == theirs:
+        return None
+    return (
+        f"kept as challenger: champion v{current.version} was evaluated on {theirs!r}, this version on "
+        f"{mine!r}; their metrics are not comparable (promote by hand after review)"
+    )
 
 
 def _decide(
