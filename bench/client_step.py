@@ -45,7 +45,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         import torch
 
-        from zk0_pipelines.federated import task, wire
+        from zk0_pipelines.federated import dataset_view, task
         from zk0_pipelines.federated.run_config import parse_run_config
         from zk0_pipelines.policy import build_processors
 
@@ -54,7 +54,9 @@ def main(argv: list[str] | None = None) -> int:
         name, spec = C.DEMO_SPECS[0]
         root = C.write_dataset(work / "data", name, **spec)
         meta = task.open_metadata(root)
-        stats = wire.stats_from_json(wire.stats_to_json(task.normalized_stats(meta.stats)))
+        stats = dataset_view.stats_from_json(
+            dataset_view.stats_to_json(dataset_view.normalized_stats(meta.stats))
+        )
         policies = {key: C.build_tiny_policy(meta) for key in ("fedavg", "fedprox", "plain")}
         pre = {key: build_processors(p, stats)[0] for key, p in policies.items()}
         dataset = task.open_dataset(root, policies["plain"], meta)

@@ -11,8 +11,8 @@ import torch
 from _fixtures_federated import TINY_CONFIG, InProcessGrid, make_datasets, one_torch_thread  # noqa: F401
 
 from zk0_pipelines.defs.round_metrics import flatten_round, summarize_server_eval
+from zk0_pipelines.federated import dataset_view, task
 from zk0_pipelines.federated import recorder as rec
-from zk0_pipelines.federated import task, wire
 from zk0_pipelines.federated.run_config import parse_run_config
 
 CHUNK = 10
@@ -36,8 +36,8 @@ def runtime(roots):
 
     spec = parse_run_config({"chunk-size": CHUNK}).policy_spec()
     rt = get_client_runtime(roots["eval"][0], spec)
-    stats = task.normalized_stats(rt.meta.stats)
-    pre, post = rt.processors(wire.stats_to_json(stats))
+    stats = dataset_view.normalized_stats(rt.meta.stats)
+    pre, post = rt.processors(dataset_view.stats_to_json(stats))
     return rt, pre, post, stats
 
 

@@ -8,8 +8,8 @@ import pytest
 import torch
 from _fixtures_federated import TINY_CONFIG, InProcessGrid, make_datasets, one_torch_thread  # noqa: F401
 
+from zk0_pipelines.federated import dataset_view, task, wire
 from zk0_pipelines.federated import recorder as rec
-from zk0_pipelines.federated import task, wire
 from zk0_pipelines.federated.run_config import parse_run_config
 
 
@@ -25,8 +25,8 @@ def client(roots):
 
     spec = parse_run_config({"chunk-size": 10}).policy_spec()
     runtime = get_client_runtime(roots["train"][0], spec)
-    stats = task.normalized_stats(runtime.meta.stats)
-    pre, _ = runtime.processors(wire.stats_to_json(stats))
+    stats = dataset_view.normalized_stats(runtime.meta.stats)
+    pre, _ = runtime.processors(dataset_view.stats_to_json(stats))
     return runtime, pre
 
 

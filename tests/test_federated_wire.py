@@ -7,7 +7,7 @@ import pytest
 import torch
 from flwr.app import ConfigRecord, Message, MetricRecord, RecordDict
 
-from zk0_pipelines.federated import aggregate, wire
+from zk0_pipelines.federated import aggregate, dataset_view, wire
 from zk0_pipelines.federated.polling import PollingGrid
 from zk0_pipelines.federated.run_config import parse_run_config
 from zk0_pipelines.federated.strategy import ZkFedAvg, make_strategy
@@ -59,7 +59,7 @@ def test_stats_json_round_trip_is_exact():
         "action": {"mean": np.array([0.1, 1 / 3]), "count": np.array([20])},
         "observation.images.top": {"std": np.full((3, 1, 1), 0.2)},
     }
-    back = wire.stats_from_json(wire.stats_to_json(stats))
+    back = dataset_view.stats_from_json(dataset_view.stats_to_json(stats))
     assert set(back) == set(stats)
     for feature, values in stats.items():
         for name, value in values.items():

@@ -6,7 +6,7 @@ SuperNode is given only its own dataset); otherwise (simulation) ``train-dataset
 Handlers:
 
 - ``query``: reports the dataset's normalisation stats, features, camera map and frame count (``task`` doc);
-  features and stats carry the policy's camera names (``task.policy_view``).
+  features and stats carry the policy's camera names (``dataset_view.policy_view``).
 - ``train``: builds SmolVLA locally (cached), checks the frozen-weight fingerprint sent by the server, loads
   the received trainable weights, runs ``local-steps`` seeded steps with the learning rate the server sent
   for this round (``learning-rate`` in the message config: the server's schedule, not the local run config;
@@ -33,7 +33,7 @@ from flwr.clientapp import ClientApp
 from flwr.clientapp.mod import fixedclipping_mod
 from flwr.supercore.differential_privacy import KEY_CLIPPING_NORM
 
-from zk0_pipelines.federated import task, wire
+from zk0_pipelines.federated import dataset_view
 from zk0_pipelines.federated.faults import InjectedFault, faults_for
 from zk0_pipelines.federated.run_config import RunConfig, parse_run_config
 
@@ -91,6 +91,7 @@ def _info(root: Path, pid: int, **extra) -> ConfigRecord:
 
 
 def _runtime(cfg: RunConfig, root: Path, conf: ConfigRecord):
+    from zk0_pipelines.federated import task
     from zk0_pipelines.federated.prewarm import wait_for_client_prewarm
     from zk0_pipelines.federated.runtime import get_client_runtime
 
@@ -116,15 +117,15 @@ def query(msg: Message, context: Context) -> Message:
     from zk0_pipelines.federated.prewarm import prewarm_client_imports
 
     _, root, pid = _setup(context)
-    meta = task.open_metadata(root)
-    features, stats, cameras = task.policy_view(root, meta)
+    meta = dataset_view.read_meta(root)
+    features, stats, cameras = dataset_view.policy_view(root, meta)
     info = _info(
         root,
         pid,
         **{
-            "num-frames": int(meta.total_frames),
+            "num-frames": meta.total_frames,
             "features-json": json.dumps(features, sort_keys=True),
-            "stats-json": wire.stats_to_json(stats),
+            "stats-json": dataset_view.stats_to_json(stats),
             "cameras-json": json.dumps(cameras.to_dict(), sort_keys=True),
         },
     )
@@ -135,6 +136,7 @@ def query(msg: Message, context: Context) -> Message:
 @app.train()
 def train(msg: Message, context: Context) -> Message:
     """Local training round on this client's dataset."""
+    from zk0_pipelines.federated import task, wire
     from zk0_pipelines.policy import load_trainable_state, trainable_state
 
     cfg, root, pid = _setup(context)
@@ -185,6 +187,7 @@ def train(msg: Message, context: Context) -> Message:
 @app.evaluate()
 def evaluate(msg: Message, context: Context) -> Message:
     """Seeded flow-matching loss of the received global weights on the local dataset."""
+    from zk0_pipelines.federated import task, wire
     from zk0_pipelines.policy import load_trainable_state
 
     cfg, root, pid = _setup(context)

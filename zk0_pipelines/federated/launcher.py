@@ -35,7 +35,7 @@ from zk0_pipelines.federated.app_folder import write_app_folder
 from zk0_pipelines.federated.deployment import LocalDeployment
 from zk0_pipelines.federated.launch_records import FederatedRunError, reap_stale_launches
 from zk0_pipelines.federated.run_config import RunConfig, parse_run_config
-from zk0_pipelines.federated.superlink import SimulationSuperLink, SuperLinkProcess
+from zk0_pipelines.federated.superlink import SERVER_COMPLETED, SimulationSuperLink, SuperLinkProcess
 
 log = logging.getLogger(__name__)
 
@@ -149,7 +149,7 @@ def run_federated(
         run_id, status = sim.run_app(app_dir, len(train_roots), timeout_s, done=lambda: _completed(run_dir))
         timings["run-s"] = time.perf_counter() - t1
         metrics = _read_metrics(run_dir)
-        if status != "finished:completed" or metrics.get("status") != "completed":
+        if status not in ("finished:completed", SERVER_COMPLETED) or metrics.get("status") != "completed":
             raise FederatedRunError(
                 f"federated run {run_id} ended with status {status!r} (metrics.json status "
                 f"{metrics.get('status')!r}, error {metrics.get('error')!r}); last log lines:\n"

@@ -60,7 +60,7 @@ class ServerPrewarm:
 
     def _work(self) -> None:
         lower_thread_priority()
-        from zk0_pipelines.federated import task
+        from zk0_pipelines.federated import dataset_view, task
         from zk0_pipelines.policy import build_policy
 
         try:
@@ -68,7 +68,7 @@ class ServerPrewarm:
                 return
             metas = {root: task.open_metadata(root) for root in self.cfg.eval_paths}
             first = self.cfg.eval_paths[0]
-            features = dict(task.policy_view(first, metas[first])[0])  # camera names as the policy's
+            features = dict(dataset_view.policy_view(first, metas[first])[0])  # camera names as the policy's
             policy = build_policy(self.cfg.policy_spec(), task.PolicyMeta(features=features, stats=None))
             self.datasets = {root: task.open_dataset(root, policy, meta) for root, meta in metas.items()}
             self.features, self.policy = features, policy

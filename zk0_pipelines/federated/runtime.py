@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from zk0_pipelines.federated import task, wire
+from zk0_pipelines.federated import dataset_view, task
 
 _LOCK = threading.Lock()
 _CACHE: OrderedDict[tuple[str, str], ClientRuntime] = OrderedDict()
@@ -46,7 +46,9 @@ class ClientRuntime:
         if key not in self._processors:
             self._processors.clear()
             rename = self.cameras.rename if self.cameras is not None else None
-            self._processors[key] = build_processors(self.policy, wire.stats_from_json(stats_json), rename)
+            self._processors[key] = build_processors(
+                self.policy, dataset_view.stats_from_json(stats_json), rename
+            )
         return self._processors[key]
 
 
@@ -60,7 +62,7 @@ def get_client_runtime(root: Path, spec) -> ClientRuntime:
             _CACHE.move_to_end(key)
             return _CACHE[key]
         meta = task.open_metadata(Path(root))
-        features, stats, cameras = task.policy_view(Path(root), meta)
+        features, stats, cameras = dataset_view.policy_view(Path(root), meta)
         policy = build_policy(spec, task.PolicyMeta(features=features, stats=stats))
         runtime = ClientRuntime(
             root=Path(root),

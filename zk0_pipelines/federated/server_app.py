@@ -39,7 +39,7 @@ from flwr.serverapp.strategy import Result
 
 from zk0_pipelines.datasets.cameras import export_rename_map
 from zk0_pipelines.datasets.so100 import CAMERA_KEYS as POLICY_CAMERAS
-from zk0_pipelines.federated import privacy, task, wire
+from zk0_pipelines.federated import dataset_view, privacy, task, wire
 from zk0_pipelines.federated import recorder as rec
 from zk0_pipelines.federated.prewarm import ServerPrewarm
 from zk0_pipelines.federated.run_config import RunConfig, parse_run_config
@@ -129,7 +129,7 @@ def query_clients(grid: Grid, node_ids: list[int], timeout_s: float) -> list[Cli
                 partition_id=int(info["partition-id"]),
                 num_frames=int(info["num-frames"]),
                 features=json.loads(str(info["features-json"])),
-                stats=wire.stats_from_json(str(info["stats-json"])),
+                stats=dataset_view.stats_from_json(str(info["stats-json"])),
                 cameras=json.loads(str(info["cameras-json"])) if "cameras-json" in info else None,
             )
         )
@@ -174,7 +174,7 @@ class ServerEvaluator:
         opened = opened or {}
         for index, root in enumerate(cfg.eval_paths):
             meta = task.open_metadata(root)
-            eval_features, _, cameras = task.policy_view(root, meta)
+            eval_features, _, cameras = dataset_view.policy_view(root, meta)
             check_same_features(
                 [("the clients' datasets", features), (f"eval dataset {root}", eval_features)]
             )
@@ -321,7 +321,7 @@ def _run(
     t0 = time.perf_counter()
     features = check_same_features([(r.dataset, r.features) for r in reports])
     stats = task.aggregate_client_stats([r.stats for r in reports])
-    stats_json = wire.stats_to_json(stats)
+    stats_json = dataset_view.stats_to_json(stats)
     recorder.set(
         "norm-stats",
         {

@@ -50,6 +50,9 @@ CONNECTION = "zk0"
 _ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
 _RUN_ID = re.compile(r"Successfully started run (\d+)")
 
+#: ``run_app``'s status when the launcher's ``done`` check, not Flower, said the run ended.
+SERVER_COMPLETED = "server-completed"
+
 #: Concurrent single-threaded simulated clients per CPU given to Ray (``SimulationSuperLink.run_command``).
 MAX_CLIENTS_PER_CPU = 2
 
@@ -302,8 +305,9 @@ class SuperLinkProcess:
     ) -> tuple[str, str]:
         """Submit ``app_dir`` and stream its logs until it finishes; returns ``(run_id, final status)``.
 
-        ``done`` (e.g. "metrics.json says completed") lets the launcher stop waiting for the log stream
-        to notice the end: once it is true and Flower reports the run finished, the stream is stopped.
+        ``done`` (e.g. "metrics.json says completed") ends the wait as soon as it is true, with status
+        ``SERVER_COMPLETED``: the ServerApp has written everything, and what Flower still does (Ray's
+        shutdown, the status flip) is cut short by ``stop``. Otherwise the status is Flower's.
         """
         cmd = self.run_command(app_dir, num_supernodes)
         run_id_box: list[str] = []
@@ -339,6 +343,8 @@ class SuperLinkProcess:
         if not run_id_box:
             raise FederatedRunError("flwr run did not start a run:\n" + "\n".join(self._tail))
         run_id = run_id_box[0]
+        if status == SERVER_COMPLETED:
+            return run_id, status
         status = status or self.run_status(run_id)
         while status.split(":")[0] != "finished" and time.monotonic() < deadline:
             time.sleep(0.5)  # the log stream can end slightly before the status flips
@@ -352,8 +358,8 @@ class SuperLinkProcess:
         deadline: float,
         done: Callable[[], bool] | None,
     ) -> str | None:
-        """Wait for the ``flwr run --stream`` process to end, or for ``done`` and a finished run status
-        (returned); ``subprocess.TimeoutExpired`` at ``deadline``."""
+        """Wait for the ``flwr run --stream`` process to end (``None``) or for ``done``
+        (``SERVER_COMPLETED``); ``subprocess.TimeoutExpired`` at ``deadline``."""
         while True:
             try:
                 proc.wait(timeout=max(0.01, min(0.5, deadline - time.monotonic())))
@@ -362,9 +368,7 @@ class SuperLinkProcess:
                 if time.monotonic() >= deadline:
                     raise
             if done is not None and run_id_box and done():
-                status = self.run_status(run_id_box[0])
-                if status.split(":")[0] == "finished":
-                    return status
+                return SERVER_COMPLETED
 
     @property
     def tail(self) -> list[str]:

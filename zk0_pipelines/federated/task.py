@@ -27,9 +27,6 @@ from zk0_pipelines.federated import wire
 
 log = logging.getLogger(__name__)
 
-NORMALIZED_PREFIXES = ("observation.",)
-NORMALIZED_KEYS = ("action",)
-
 
 @dataclass
 class PolicyMeta:
@@ -57,21 +54,6 @@ def open_metadata(root: Path):
     return LeRobotDatasetMetadata(repo_id_for(root), root=root)
 
 
-def policy_view(root: Path, meta) -> tuple[dict[str, Any], dict[str, dict[str, np.ndarray]], Any]:
-    """``(features, normalised stats, camera map)`` of a dataset as the policy sees it.
-
-    The camera map (:func:`zk0_pipelines.datasets.cameras.dataset_camera_map`: the one recorded at
-    ingest, else the automatic rule) renames the dataset's cameras to the policy's image inputs and
-    leaves unused cameras out, in the features and the statistics alike.
-    """
-    from zk0_pipelines.datasets.cameras import dataset_camera_map
-
-    cameras = dataset_camera_map(Path(root), meta.features)
-    features = cameras.policy_features(meta.features)
-    stats = normalized_stats(cameras.policy_stats(meta.stats))
-    return features, stats, cameras
-
-
 def open_dataset(root: Path, policy, meta=None):
     """The client's ``LeRobotDataset`` (pyav decoding) with the policy's delta timestamps (action chunk)."""
     from lerobot.datasets.factory import resolve_delta_timestamps
@@ -87,15 +69,6 @@ def open_dataset(root: Path, policy, meta=None):
             f"cannot open dataset {root}: {type(exc).__name__}: {exc} "
             "(lerobot tries the Hub when a local data/video file is missing)"
         ) from exc
-
-
-def normalized_stats(stats: Mapping[str, Mapping[str, Any]]) -> dict[str, dict[str, np.ndarray]]:
-    """The features the policy normalises (``observation.*``, ``action``) out of a dataset's stats."""
-    return {
-        key: {name: np.asarray(v) for name, v in value.items()}
-        for key, value in stats.items()
-        if key in NORMALIZED_KEYS or key.startswith(NORMALIZED_PREFIXES)
-    }
 
 
 def aggregate_client_stats(

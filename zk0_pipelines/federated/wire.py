@@ -1,4 +1,4 @@
-"""What travels between server and clients: trainable tensors (Flower ``ArrayRecord``), normalisation stats.
+"""What travels between server and clients: trainable tensors (Flower ``ArrayRecord``).
 
 Wire formats (``wire-dtype``):
 
@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import functools
 import io
-import json
 import math
 import warnings
 from collections.abc import Mapping
@@ -177,24 +176,3 @@ def update_norm(current: list[torch.Tensor], start: list[torch.Tensor]) -> float
         return 0.0
     norms = torch._foreach_norm(torch._foreach_sub(current, start), 2, dtype=torch.float64)
     return float(torch.linalg.vector_norm(torch.stack(norms)))
-
-
-# --- normalisation statistics ---------------------------------------------------------------------------
-
-
-def stats_to_json(stats: Mapping[str, Mapping[str, np.ndarray]]) -> str:
-    """Serialize lerobot ``meta.stats``-style stats (feature -> stat -> array) to JSON (exact float64)."""
-    payload = {
-        feature: {name: np.asarray(value, dtype=np.float64).tolist() for name, value in sorted(fs.items())}
-        for feature, fs in sorted(stats.items())
-    }
-    return json.dumps(payload, sort_keys=True)
-
-
-def stats_from_json(text: str) -> dict[str, dict[str, np.ndarray]]:
-    """Inverse of :func:`stats_to_json` (arrays as float64 numpy, like lerobot's ``cast_stats_to_numpy``)."""
-    raw = json.loads(text)
-    return {
-        feature: {name: np.asarray(v, dtype=np.float64) for name, v in fs.items()}
-        for feature, fs in raw.items()
-    }
