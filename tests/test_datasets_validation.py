@@ -339,3 +339,23 @@ def test_a_multiprocessing_child_that_validated_with_workers_exits(clean_dataset
         child.join()
     assert not alive, "the validating child process did not exit: its decode pool kept it alive"
     assert child.exitcode == 0
+
+
+def test_report_markdown_is_one_table_row_per_check_with_escaped_details() -> None:
+    from zk0_pipelines.datasets.check import report_markdown
+    from zk0_pipelines.datasets.validation import CheckOutcome
+
+    checks = [
+        CheckOutcome("info_json", True, "lab: info.json ok"),
+        CheckOutcome("video_decode", False, "lab: episode 3 | top camera\ntruncated"),
+        CheckOutcome("frame_counts", False, "lab: not run", {"skipped": True}),
+    ]
+    text = report_markdown(ValidationReport("lab", Path("/data/lab"), checks, {}))
+    lines = [re.sub(r" +", " ", line) for line in text.splitlines()]
+    assert lines[0] == "### lab: FAILED"
+    table = lines[lines.index("| check | result | details |") :]
+    assert table[2:] == [
+        "| info_json | pass | info.json ok |",
+        "| video_decode | FAIL | episode 3 \\| top camera truncated |",
+        "| frame_counts | skipped | not run |",
+    ]

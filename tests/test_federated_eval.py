@@ -10,10 +10,10 @@ import pytest
 import torch
 from _fixtures_federated import TINY_CONFIG, InProcessGrid, make_datasets, one_torch_thread  # noqa: F401
 
-from zk0_pipelines.defs.round_metrics import flatten_round, summarize_server_eval
 from zk0_pipelines.federated import dataset_view, task
 from zk0_pipelines.federated import recorder as rec
 from zk0_pipelines.federated.run_config import parse_run_config
+from zk0_pipelines.tracking.round_metrics import flatten_round, summarize_server_eval
 
 CHUNK = 10
 
@@ -189,7 +189,8 @@ def test_summary_picks_the_best_round_by_the_selection_metric():
 def test_federated_run_records_action_mse_each_round_and_mlflow_logs_it(roots, tmp_path):
     from zk0_pipelines.federated.client_app import app as client_app
     from zk0_pipelines.federated.server_app import run_server
-    from zk0_pipelines.tracking.mlflow_registry import ModelRegistry, plot_round_metrics
+    from zk0_pipelines.tracking.mlflow_registry import ModelRegistry
+    from zk0_pipelines.tracking.round_plots import plot_round_metrics
 
     out = tmp_path / "out"
     values = dict(

@@ -196,7 +196,7 @@ def _get(url: str) -> dict:
 
 def test_registry_review_through_a_real_mlflow_server(demo_run: DemoRun, tmp_path: Path) -> None:
     """Start `mlflow server` on the run's sqlite store and review the version over its REST API."""
-    from zk0_pipelines.tracking.mlflow_registry import default_artifact_root, default_tracking_uri
+    from zk0_pipelines.tracking.mlflow_store import default_artifact_root, default_tracking_uri
 
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("ZK0_ROOT", str(demo_run.workspace))

@@ -10,7 +10,7 @@ import pytest
 from zk0_pipelines import settings
 from zk0_pipelines.datasets.registry import load_registry
 from zk0_pipelines.evaluation.rollout import episode_seeds, mean_interval, wilson_interval
-from zk0_pipelines.tracking.mlflow_registry import _decide_higher, promotion_metric
+from zk0_pipelines.tracking.promotion import decide_higher, promotion_metric
 
 
 def test_sim_registry_parses_into_distinct_labs() -> None:
@@ -56,11 +56,11 @@ def test_wilson_interval_and_mean_interval() -> None:
 def test_higher_success_rate_rule() -> None:
     assert promotion_metric("higher_success_rate") == "success_rate"
     champion = SimpleNamespace(version="3")
-    assert _decide_higher("success_rate", 0.4, None, None)[0]
-    assert _decide_higher("success_rate", 0.0, champion, None)[0]
-    assert _decide_higher("success_rate", 0.6, champion, 0.5) == (
+    assert decide_higher("success_rate", 0.4, None, None)[0]
+    assert decide_higher("success_rate", 0.0, champion, None)[0]
+    assert decide_higher("success_rate", 0.6, champion, 0.5) == (
         True,
         "promoted: success_rate 0.6 > champion v3 0.5",
     )
-    assert not _decide_higher("success_rate", 0.5, champion, 0.5)[0]
-    assert not _decide_higher("success_rate", float("nan"), None, None)[0]
+    assert not decide_higher("success_rate", 0.5, champion, 0.5)[0]
+    assert not decide_higher("success_rate", float("nan"), None, None)[0]

@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import hashlib
 import json
+import re
 import threading
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -14,6 +15,7 @@ from pathlib import Path
 import pytest
 import yaml
 from _fixtures_tracking import FAKE_TOKEN, fake_checkpoint, read_tree
+from huggingface_hub import ModelCard
 
 from zk0_pipelines.tracking.hub_release import HubReleaseError, build_model_card, release_folder
 
@@ -61,8 +63,10 @@ def test_model_card_header_and_body() -> None:
     assert meta["license"] == "apache-2.0"
     assert meta["tags"] == ["lerobot", "smolvla", "so100", "federated-learning", "flower"]
     assert meta["datasets"] == ["lerobot/svla_so100_pickplace", "lerobot/svla_so100_stacking"]
+    assert ModelCard(card).data.to_dict() == meta  # the Hub reads the same metadata
     body = card.split("---\n", 2)[2]
-    assert "| round | train_loss | eval_loss |" in body and "| 2 | 0.75 | 1.125 |" in body
+    table = re.sub(r" +", " ", body)  # tabulate pads the columns
+    assert "| round | train_loss | eval_loss |" in table and "| 2 | 0.75 | 1.125 |" in table
     assert "Rounds: 2" in body and "Clients: 2 (client_a, client_b)" in body
     assert "0123abcd.dir" in body and "a" * 40 in body and "b" * 40 in body and "f" * 40 in body
     assert "![Loss per round](loss.png)" in body and "lerobot=0.6.1" in body

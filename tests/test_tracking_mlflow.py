@@ -11,18 +11,10 @@ from pathlib import Path
 import pytest
 from _fixtures_tracking import FAKE_PASSWORD, FAKE_TOKEN, fake_checkpoint, files_containing, git
 
-from zk0_pipelines.tracking.mlflow_registry import (
-    CHALLENGER,
-    CHAMPION,
-    MAX_PARAM_VALUE_LEN,
-    MlflowStoreUnavailable,
-    ModelRegistry,
-    config_hash,
-    default_tracking_uri,
-    git_commit,
-    library_versions,
-    plot_round_metrics,
-)
+from zk0_pipelines.tracking.lineage import config_hash, git_commit, library_versions
+from zk0_pipelines.tracking.mlflow_registry import CHALLENGER, CHAMPION, MAX_PARAM_VALUE_LEN, ModelRegistry
+from zk0_pipelines.tracking.mlflow_store import MlflowStoreUnavailable, default_tracking_uri
+from zk0_pipelines.tracking.round_plots import plot_round_metrics
 
 ROUNDS = [
     {"round": 1, "train_loss": 1.50, "eval_loss": 1.80, "eval_action_mse": 310.5, "note": "text is skipped"},
@@ -330,3 +322,34 @@ def test_plot_round_metrics(tmp_path: Path) -> None:
         plot_round_metrics(ROUNDS, tmp_path / "x.png", keys=["missing_key"])
     with pytest.raises(ValueError, match="no rows"):
         plot_round_metrics([], tmp_path / "y.png")
+
+
+def test_reproduction_record_round_trips_without_credentials(
+    registry: ModelRegistry, logged: str, tmp_path: Path
+) -> None:
+    from safetensors.torch import save_file
+
+    from zk0_pipelines.tracking.reproduction_records import (
+        ReproductionRecord,
+        log_reproduction_record,
+        read_reproduction_record,
+        round_weight_hashes,
+    )
+
+    torch = pytest.importorskip("torch")
+    run_dir = tmp_path / "run"
+    for folder in (run_dir / "checkpoints" / "round-001" / "pretrained_model", run_dir / "final"):
+        folder.mkdir(parents=True)
+    save_file(
+        {"w": torch.zeros(2)},
+        str(run_dir / "checkpoints" / "round-001" / "pretrained_model" / "model.safetensors"),
+    )
+    save_file({"w": torch.ones(2)}, str(run_dir / "final" / "model.safetensors"))
+    hashes = round_weight_hashes(run_dir)
+    assert set(hashes) == {"1", "final"} and hashes["1"] != hashes["final"]
+
+    config = {"num-server-rounds": 1, "hub-token": FAKE_TOKEN}
+    log_reproduction_record(registry.client, logged, ReproductionRecord(config, hashes))
+    back = read_reproduction_record(registry.client, logged, tmp_path / "downloads")
+    assert back.round_weights == hashes
+    assert back.config == {"num-server-rounds": 1}  # the credential never reached the store

@@ -275,7 +275,7 @@ def _finished(stack: Stack, what: str, job: str, tags: dict[str, str], timeout_s
 def test_dataset_dropped_into_the_folder_is_ingested_and_triggers_retraining(stack: Stack) -> None:
     from mlflow import MlflowClient
 
-    from zk0_pipelines.tracking.mlflow_registry import default_tracking_uri
+    from zk0_pipelines.tracking.mlflow_store import default_tracking_uri
 
     instance = stack.instance
     assert DROPPED_ID not in instance.get_dynamic_partitions("so100_datasets")

@@ -93,7 +93,7 @@ def run_mlflow_ui(port: int) -> int:
     ``ZK0_STORAGE=postgres``) and artifact folder."""
     settings.configure_local_env()
     _use_postgres()
-    from zk0_pipelines.tracking.mlflow_registry import default_artifact_root, default_tracking_uri
+    from zk0_pipelines.tracking.mlflow_store import default_artifact_root, default_tracking_uri
 
     mlflow = Path(sys.executable).with_name("mlflow")
     os.execv(

@@ -1,17 +1,15 @@
 """Rebuild a registered model version from what the registry recorded, and compare the weights.
 
 The version's tags give the DVC md5 of the data it was trained on and the dataset ids; its MLflow run
-holds the exact run config (``zk0/run_config.json``) and the sha256 of the weights after every round
-(``zk0/round_weights.json``). Reproduction restores the data with DVC at that md5 into a workspace of its
-own (never the user's ``data/``), re-runs the federated training with the recorded config and compares:
-on CPU with the recorded seeds the weights are bit-identical; otherwise the report gives the largest
-absolute difference and the rounds whose weights diverged.
+holds the reproduction record (:mod:`~zk0_pipelines.tracking.reproduction_records`): the exact run
+config and the sha256 of the weights after every round. Reproduction restores the data with DVC at that
+md5 into a workspace of its own (never the user's ``data/``), re-runs the federated training with the
+recorded config and compares: on CPU with the recorded seeds the weights are bit-identical; otherwise the
+report gives the largest absolute difference and the rounds whose weights diverged.
 """
 
 from __future__ import annotations
 
-import hashlib
-import json
 import shutil
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -20,25 +18,14 @@ from typing import Any
 import yaml
 
 from zk0_pipelines import settings
+from zk0_pipelines.tracking.reproduction_records import (
+    read_reproduction_record,
+    round_weight_hashes,
+    weights_sha256,
+)
 
-RUN_CONFIG_ARTIFACT = "zk0/run_config.json"
-ROUND_WEIGHTS_ARTIFACT = "zk0/round_weights.json"
 #: run-config keys that name places on the original machine; reproduction sets its own.
 PLACE_KEYS = ("train-datasets", "eval-datasets", "output-dir", "resume")
-
-
-def weights_sha256(safetensors_file: Path) -> str:
-    """sha256 over the tensor names, dtypes, shapes and bytes of a safetensors file (order-independent)."""
-    import torch
-    from safetensors.torch import load_file
-
-    tensors = load_file(str(safetensors_file))
-    digest = hashlib.sha256()
-    for name in sorted(tensors):
-        t = tensors[name].contiguous()
-        digest.update(f"{name}|{t.dtype}|{tuple(t.shape)}\0".encode())
-        digest.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
-    return digest.hexdigest()
 
 
 def max_abs_diff(a: Path, b: Path) -> float:
@@ -50,19 +37,6 @@ def max_abs_diff(a: Path, b: Path) -> float:
         return float("inf")
     diffs = ((ta[k].double() - tb[k].double()).abs().max().item() for k in ta if ta[k].numel())
     return max(diffs, default=0.0)
-
-
-def round_weight_hashes(run_dir: Path) -> dict[str, str]:
-    """``{round: sha256}`` of the global weights checkpointed after each round, plus ``final``."""
-    hashes: dict[str, str] = {}
-    for ckpt in sorted((run_dir / "checkpoints").glob("round-*")):
-        weights = ckpt / "pretrained_model" / "model.safetensors"
-        if weights.is_file():
-            hashes[str(int(ckpt.name.split("-")[1]))] = weights_sha256(weights)
-    final = run_dir / "final" / "model.safetensors"
-    if final.is_file():
-        hashes["final"] = weights_sha256(final)
-    return hashes
 
 
 @dataclass
@@ -126,7 +100,9 @@ def reproduce_version(
     """Re-train a registered version from its recorded data pin and config, and compare the weights."""
     from zk0_pipelines.federated.launcher import run_federated
     from zk0_pipelines.tracking.dvc import DvcRepo
-    from zk0_pipelines.tracking.mlflow_registry import ModelRegistry, default_tracking_uri, git_commit
+    from zk0_pipelines.tracking.lineage import git_commit
+    from zk0_pipelines.tracking.mlflow_registry import ModelRegistry
+    from zk0_pipelines.tracking.mlflow_store import default_tracking_uri
 
     registry = ModelRegistry(tracking_uri or default_tracking_uri())
     client = registry.client
@@ -141,23 +117,19 @@ def reproduce_version(
     downloads = workspace / "recorded"
     downloads.mkdir(parents=True)
 
-    def recorded(artifact: str) -> Path:
-        return Path(client.download_artifacts(mv.run_id, artifact, str(downloads)))
-
-    config = json.loads(recorded(RUN_CONFIG_ARTIFACT).read_text())
-    recorded_rounds = json.loads(recorded(ROUND_WEIGHTS_ARTIFACT).read_text())
-    original = recorded("model/model.safetensors")
+    record = read_reproduction_record(client, mv.run_id, downloads)
+    original = Path(client.download_artifacts(mv.run_id, "model/model.safetensors", str(downloads)))
 
     remote = remote_url or DvcRepo(settings.repo_root()).remote_url()
     data = restore_data(workspace / "project", tags["dvc_md5"], remote)
     train = [data / i for i in tags["datasets.train"].split(",") if i]
     evals = [data / i for i in tags["datasets.eval"].split(",") if i]
-    knobs = {k: v for k, v in config.items() if k not in PLACE_KEYS}
+    knobs = {k: v for k, v in record.config.items() if k not in PLACE_KEYS}
     result = run_federated(train, evals, workspace / "run", knobs)
 
     reproduced = result.final_checkpoint / "model.safetensors"
     new_rounds = round_weight_hashes(result.run_dir)
-    diverged = [r for r, h in recorded_rounds.items() if new_rounds.get(r) != h]
+    diverged = [r for r, h in record.round_weights.items() if new_rounds.get(r) != h]
     original_sha, reproduced_sha = weights_sha256(original), weights_sha256(reproduced)
     return ReproductionReport(
         model_name=model_name,

@@ -20,6 +20,7 @@ from zk0_pipelines.datasets.conversion import (
     convert_v21_to_v30,
 )
 from zk0_pipelines.datasets.validation import CHECK_NAMES, CheckOutcome, ValidationReport, validate_dataset
+from zk0_pipelines.markdown_tables import markdown_table
 
 
 @dataclass
@@ -76,10 +77,6 @@ def check_dataset(
     return DatasetCheck(report, Path(convert_dir), record)
 
 
-def _cell(text: str) -> str:
-    return text.replace("|", "\\|").replace("\n", " ")
-
-
 def report_markdown(report: ValidationReport, conversion: ConversionRecord | None = None) -> str:
     """``# <id>: passed|FAILED``, the camera map and conversion, and a ``check | result | details`` table."""
     lines = [f"### {report.dataset_id}: {'passed' if report.passed else 'FAILED'}", ""]
@@ -94,9 +91,14 @@ def report_markdown(report: ValidationReport, conversion: ConversionRecord | Non
         )
     if len(lines) > 2:
         lines.append("")
-    lines += ["| check | result | details |", "|---|---|---|"]
     prefix = f"{report.dataset_id}: "
-    for outcome in report.checks:
-        result = "pass" if outcome.passed else ("skipped" if outcome.details.get("skipped") else "FAIL")
-        lines.append(f"| {outcome.name} | {result} | {_cell(outcome.message.removeprefix(prefix))} |")
+    rows = [
+        {
+            "check": outcome.name,
+            "result": "pass" if outcome.passed else ("skipped" if outcome.details.get("skipped") else "FAIL"),
+            "details": outcome.message.removeprefix(prefix),
+        }
+        for outcome in report.checks
+    ]
+    lines.append(markdown_table(rows))
     return "\n".join(lines) + "\n"

@@ -1,8 +1,6 @@
 """Registry and release: MLflow model version with its lineage, then the Hugging Face Hub folder."""
 
-import json
 import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -10,16 +8,11 @@ import dagster as dg
 
 from zk0_pipelines import settings
 from zk0_pipelines.defs.resources import HubPublisherResource, MlflowResource
-from zk0_pipelines.reproduce import ROUND_WEIGHTS_ARTIFACT, RUN_CONFIG_ARTIFACT
 from zk0_pipelines.serving.pyfunc import log_pyfunc_flavor
 from zk0_pipelines.tracking.hub_release import build_model_card
-from zk0_pipelines.tracking.mlflow_registry import (
-    MlflowStoreUnavailable,
-    config_hash,
-    git_commit,
-    library_versions,
-)
-from zk0_pipelines.tracking.secrets import scrub_mapping
+from zk0_pipelines.tracking.lineage import config_hash, git_commit, library_versions
+from zk0_pipelines.tracking.mlflow_store import MlflowStoreUnavailable
+from zk0_pipelines.tracking.reproduction_records import ReproductionRecord, log_reproduction_record
 
 
 def dataset_lineage_tags(datasets: list[dict[str, Any]]) -> dict[str, str]:
@@ -124,7 +117,8 @@ def _register(
         checkpoint_dir=Path(federated_model["final_checkpoint"]),
         tags={**tags, "dagster_run_id": context.run.run_id},
     )
-    _log_reproduction_record(registry, run_id, federated_model)
+    record = ReproductionRecord(federated_model["config"], federated_model["round_weights"])
+    log_reproduction_record(registry.client, run_id, record)  # what `zk0 reproduce` needs
     log_pyfunc_flavor(registry.client, run_id)  # models:/<name>@champion loads with mlflow.pyfunc
     version = registry.register_version(
         mlflow.model_name,
@@ -163,17 +157,6 @@ def _register(
         "run_id": run_id,
         "tags": tags,
     }
-
-
-def _log_reproduction_record(registry: Any, run_id: str, federated_model: dict[str, Any]) -> None:
-    """Log what ``zk0 reproduce`` needs: the exact run config and the weights' sha256 after each round."""
-    with tempfile.TemporaryDirectory() as tmp:
-        folder = Path(tmp) / "zk0"
-        folder.mkdir()
-        config, _withheld = scrub_mapping(dict(federated_model["config"]))
-        (folder / Path(RUN_CONFIG_ARTIFACT).name).write_text(json.dumps(config, indent=2))
-        (folder / Path(ROUND_WEIGHTS_ARTIFACT).name).write_text(json.dumps(federated_model["round_weights"]))
-        registry.client.log_artifacts(run_id, str(folder), artifact_path="zk0")
 
 
 @dg.asset(

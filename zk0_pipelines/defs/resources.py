@@ -21,7 +21,8 @@ from zk0_pipelines.datasets.registry import DatasetRegistry, load_registry
 from zk0_pipelines.policy.factory import PolicySpec
 from zk0_pipelines.tracking.dvc import DvcRepo
 from zk0_pipelines.tracking.hub_release import release_folder
-from zk0_pipelines.tracking.mlflow_registry import ModelRegistry, default_tracking_uri
+from zk0_pipelines.tracking.mlflow_registry import ModelRegistry
+from zk0_pipelines.tracking.mlflow_store import default_tracking_uri
 
 
 def _resolve(path: str) -> Path:

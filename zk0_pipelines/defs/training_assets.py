@@ -18,16 +18,18 @@ from zk0_pipelines.defs.resources import (
     MlflowResource,
     PolicyResource,
 )
-from zk0_pipelines.defs.round_metrics import (
+from zk0_pipelines.federated.launcher import run_federated
+from zk0_pipelines.tracking.lineage import config_hash
+from zk0_pipelines.tracking.promotion import promotion_metric
+from zk0_pipelines.tracking.reproduction_records import round_weight_hashes
+from zk0_pipelines.tracking.round_metrics import (
     EVAL_METRICS,
     eval_columns_first,
     flatten_client,
     flatten_round,
     summarize_server_eval,
 )
-from zk0_pipelines.federated.launcher import run_federated
-from zk0_pipelines.reproduce import round_weight_hashes
-from zk0_pipelines.tracking.mlflow_registry import config_hash, plot_round_metrics, promotion_metric
+from zk0_pipelines.tracking.round_plots import plot_round_metrics
 
 
 class FederatedTrainingConfig(dg.Config):

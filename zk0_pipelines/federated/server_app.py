@@ -13,7 +13,7 @@ Order of a run (``run_server``):
    ``evaluate_fn`` loads the aggregate, computes the seeded server loss and the raw-unit action MSE of the
    predicted action chunks on the eval datasets (when due; ``ServerEvaluator``), the update norm, and writes
    a checkpoint and ``metrics.json`` (``recorder`` doc); the best rounds by each metric are recorded at the
-   end (``best_rounds``);
+   end (``best_rounds_record``);
 5. export the final global policy to ``<output-dir>/final``.
 
 With ``dp`` != none the strategy is wrapped in Flower's central-DP fixed-clipping wrapper (``privacy``
@@ -44,6 +44,7 @@ from zk0_pipelines.federated import recorder as rec
 from zk0_pipelines.federated.prewarm import ServerPrewarm
 from zk0_pipelines.federated.run_config import RunConfig, parse_run_config
 from zk0_pipelines.federated.strategy import ClientFailure, make_strategy, sample_size
+from zk0_pipelines.tracking import round_metrics
 
 log = logging.getLogger(__name__)
 
@@ -254,24 +255,19 @@ def model_card(
     return "\n".join(lines) + "\n"
 
 
-def best_rounds(rounds: list[dict[str, Any]]) -> dict[str, Any]:
-    """Best evaluated round by eval loss and by action MSE (lowest; earliest round on ties).
+def best_rounds_record(rounds: list[dict[str, Any]]) -> dict[str, Any]:
+    """The ``metrics.json`` summary of :func:`~zk0_pipelines.tracking.round_metrics.best_rounds`.
 
     ``{"best-round", "best-eval-loss", "best-action-mse-round", "best-action-mse"}``, None when absent.
     """
+    best = round_metrics.best_rounds([round_metrics.flatten_round(r) for r in rounds])
     out: dict[str, Any] = {}
-    for metric, round_key, value_key in (
-        ("eval-loss", "best-round", "best-eval-loss"),
-        ("eval-action-mse", "best-action-mse-round", "best-action-mse"),
+    for name, round_key, value_key in (
+        ("eval_loss", "best-round", "best-eval-loss"),
+        ("action_mse", "best-action-mse-round", "best-action-mse"),
     ):
-        found = [
-            (r["server-eval"][metric], r["round"])
-            for r in rounds
-            if r.get("server-eval") and r["server-eval"].get(metric) is not None
-        ]
-        best = min(found) if found else None
-        out[round_key] = best[1] if best else None
-        out[value_key] = best[0] if best else None
+        out[round_key] = best[name][1] if best[name] else None
+        out[value_key] = best[name][0] if best[name] else None
     return out
 
 
@@ -464,5 +460,5 @@ def _run(
         ),
         overwrite=True,
     )
-    recorder.finish("completed", final=str(final), **best_rounds(recorder.data["rounds"]))
+    recorder.finish("completed", final=str(final), **best_rounds_record(recorder.data["rounds"]))
     return result

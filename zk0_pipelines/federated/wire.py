@@ -3,7 +3,8 @@
 Wire formats (``wire-dtype``):
 
 - ``float32``: the server sends the global trainable weights, clients send back their updated weights and
-  Flower's ``FedAvg`` averages them (weighted by ``num-examples``).
+  Flower's ``FedAvg`` averages them (weighted by ``num-examples``). Encoded and decoded by Flower itself
+  (``ArrayRecord(torch_state_dict=...)`` / ``to_torch_state_dict``).
 - ``bfloat16``: half the bytes. NumPy has no bfloat16, so each tensor travels as raw bf16 bytes in a Flower
   ``Array`` with ``stype = BF16_STYPE``. Clients send back their *update* (local - received) rather than
   their weights, and the server adds the weighted mean update to its float32 master copy: a bf16 rounding of
@@ -31,17 +32,24 @@ NUMPY_STYPE = "numpy.ndarray"
 
 
 def encode_state(state: Mapping[str, torch.Tensor], wire_dtype: str = "float32") -> ArrayRecord:
-    """Encode named tensors (sorted by name) as an ``ArrayRecord`` in ``wire_dtype``."""
+    """Encode named tensors (sorted by name) as an ``ArrayRecord`` in ``wire_dtype``.
+
+    float32: Flower's own state-dict conversion (one ``.npy`` ``Array`` per tensor); bfloat16: raw bf16
+    bytes per tensor (``BF16_STYPE``).
+    """
+    if wire_dtype == "float32":
+        return ArrayRecord(
+            torch_state_dict={
+                name: state[name].detach().to("cpu", torch.float32).contiguous() for name in sorted(state)
+            }
+        )
+    if wire_dtype != "bfloat16":
+        raise ValueError(f"unknown wire dtype {wire_dtype!r}; expected float32 or bfloat16")
     arrays: dict[str, Array] = {}
     for name in sorted(state):
         tensor = state[name].detach().to("cpu")
-        if wire_dtype == "float32":
-            arrays[name] = Array(tensor.to(torch.float32).contiguous().numpy())
-        elif wire_dtype == "bfloat16":
-            raw = tensor.to(torch.bfloat16).contiguous().view(torch.int16).numpy().tobytes()
-            arrays[name] = Array(dtype="bfloat16", shape=tuple(tensor.shape), stype=BF16_STYPE, data=raw)
-        else:
-            raise ValueError(f"unknown wire dtype {wire_dtype!r}; expected float32 or bfloat16")
+        raw = tensor.to(torch.bfloat16).contiguous().view(torch.int16).numpy().tobytes()
+        arrays[name] = Array(dtype="bfloat16", shape=tuple(tensor.shape), stype=BF16_STYPE, data=raw)
     return ArrayRecord(arrays)
 
 
@@ -100,18 +108,18 @@ def array_view(name: str, array: Array) -> torch.Tensor:
     return torch.frombuffer(array.data, dtype=dtype, count=count, offset=offset)
 
 
+def _float32(name: str, tensor: torch.Tensor) -> torch.Tensor:
+    if not tensor.is_floating_point():
+        raise ValueError(f"array '{name}' on the wire has dtype {tensor.dtype}, expected a float dtype")
+    return tensor.to(torch.float32)
+
+
 def decode_array(name: str, array: Array) -> torch.Tensor:
     """Decode one ``Array`` (numpy float or raw bf16) to a float32 tensor (a private copy)."""
     if array.stype == BF16_STYPE:
         return array_view(name, array).reshape(tuple(array.shape)).to(torch.float32)
     if array.stype == NUMPY_STYPE:
-        np_dtype, shape, _ = _npy_layout(name, array.data)
-        if np_dtype == np.dtype("<f4"):
-            return array_view(name, array).clone().reshape(shape)
-        values = array.numpy()
-        if not np.issubdtype(values.dtype, np.floating):
-            raise ValueError(f"array '{name}' on the wire has dtype {values.dtype}, expected a float dtype")
-        return torch.from_numpy(np.array(values, dtype=np.float32, copy=True))
+        return _float32(name, torch.from_numpy(array.numpy()))
     raise ValueError(f"array '{name}' has unsupported serialization type {array.stype!r}")
 
 
@@ -123,7 +131,9 @@ def npy_header(shape: tuple[int, ...]) -> bytes:
 
 
 def decode_state(record: ArrayRecord) -> dict[str, torch.Tensor]:
-    """Decode an ``ArrayRecord`` to float32 tensors keyed by name."""
+    """Decode an ``ArrayRecord`` to float32 tensors keyed by name (float32 wire: Flower's conversion)."""
+    if all(array.stype == NUMPY_STYPE for array in record.values()):
+        return {name: _float32(name, t) for name, t in record.to_torch_state_dict().items()}
     return {name: decode_array(name, array) for name, array in record.items()}
 
 

@@ -8,18 +8,18 @@ from __future__ import annotations
 
 import fnmatch
 import logging
-import math
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-import yaml
-
+from zk0_pipelines.markdown_tables import markdown_table
 from zk0_pipelines.tracking.secrets import scrub, scrub_mapping
 
 log = logging.getLogger(__name__)
 
 CARD_TAGS = ("lerobot", "smolvla", "so100", "federated-learning", "flower")
+#: the card: Hub metadata (``ModelCardData``, YAML front matter rendered by ``ModelCard``), then the body
+CARD_TEMPLATE = "---\n{{ card_data }}\n---\n\n{{ body }}"
 IGNORE_PATTERNS = (".git/*", "*/.git/*", "__pycache__/*", "*/__pycache__/*", "*.pyc", ".cache/*")
 
 
@@ -61,29 +61,6 @@ def _dataset_rows(datasets: Sequence[Mapping[str, Any] | Sequence[str]]) -> list
     return rows
 
 
-def _fmt(value: Any) -> str:
-    if isinstance(value, float):
-        return "nan" if math.isnan(value) else f"{value:.6g}"
-    if value is None:
-        return ""
-    return str(value).replace("|", "\\|").replace("\n", " ")
-
-
-def markdown_table(rows: Sequence[Mapping[str, Any]]) -> str:
-    """A Markdown table of ``rows`` (columns in first-seen order; missing cells left empty)."""
-    if not rows:
-        return "_no metrics recorded_"
-    columns: list[str] = []
-    for row in rows:
-        columns.extend(k for k in row if k not in columns)
-    lines = [
-        "| " + " | ".join(_fmt(c) for c in columns) + " |",
-        "|" + "|".join("---" for _ in columns) + "|",
-    ]
-    lines += ["| " + " | ".join(_fmt(row.get(c)) for c in columns) + " |" for row in rows]
-    return "\n".join(lines)
-
-
 def build_model_card(
     model_name: str,
     repo_id: str | None,
@@ -106,19 +83,18 @@ def build_model_card(
     folder; ``lineage``: extra provenance (git commit, config hash, library versions, MLflow run...).
     Entries of ``lineage`` whose key or value looks like a credential are left out.
     """
+    from huggingface_hub import ModelCard, ModelCardData
+
     ds_rows = _dataset_rows(datasets)
     hub_datasets = sorted({r["repo_id"] for r in ds_rows if r["repo_id"] and "/" in r["repo_id"]})
-    header: dict[str, Any] = {
-        "library_name": "lerobot",
-        "license": "apache-2.0",
-        "pipeline_tag": "robotics",
-        "tags": list(CARD_TAGS),
-    }
-    if hub_datasets:
-        header["datasets"] = hub_datasets
-    if base_model:
-        header["base_model"] = base_model
-    front = yaml.safe_dump(header, sort_keys=False, allow_unicode=True).strip()
+    card_data = ModelCardData(
+        library_name="lerobot",
+        license="apache-2.0",
+        pipeline_tag="robotics",
+        tags=list(CARD_TAGS),
+        datasets=hub_datasets or None,
+        base_model=base_model or None,
+    )
 
     client_ids = [str(c) for c in clients] if not isinstance(clients, int) else []
     n_clients = clients if isinstance(clients, int) else len(client_ids)
@@ -145,10 +121,10 @@ def build_model_card(
     ]
     if strategy:
         body.append(f"- Strategy: {strategy}")
-    body += ["", "## Metrics", "", markdown_table(metrics_table), ""]
+    body += ["", "## Metrics", "", markdown_table(metrics_table, empty="_no metrics recorded_"), ""]
     if loss_plot:
         body += [f"![Loss per round]({loss_plot})", ""]
-    body += ["## Datasets", "", markdown_table(ds_rows), ""]
+    body += ["## Datasets", "", markdown_table(ds_rows, empty="_no datasets recorded_"), ""]
     body += ["## Lineage", "", f"- DVC data snapshot (md5 of `data/`): `{dvc_md5 or 'unknown'}`"]
     kept, dropped = scrub_mapping(dict(lineage or {}))
     for key, value in kept.items():
@@ -160,7 +136,7 @@ def build_model_card(
     if dropped:
         body.append(f"- ({len(dropped)} credential-like lineage entries withheld)")
     body.append("")
-    return f"---\n{front}\n---\n\n" + "\n".join(body)
+    return str(ModelCard.from_template(card_data, template_str=CARD_TEMPLATE, body="\n".join(body)))
 
 
 # ------------------------------------------------------------------------------------------------

@@ -1,9 +1,9 @@
-"""MLflow tracking of federated runs and the model registry (aliases ``challenger`` / ``champion``).
+"""The MLflow model registry of federated runs: run logging and versions aliased ``challenger``/``champion``.
 
-Default store: ``sqlite:///<repo>/.zk0/mlflow/mlflow.db`` with artifacts in
-``<repo>/.zk0/mlflow/artifacts``. A LeRobot policy folder is registered with
-``MlflowClient.create_model_version(source=<artifact URI of the folder>)``: ``register_model("runs:/...")``
-expects an MLflow-flavoured model, which a plain LeRobot folder is not.
+A LeRobot policy folder is registered with ``MlflowClient.create_model_version(source=<artifact URI of the
+folder>)``: ``register_model("runs:/...")`` expects an MLflow-flavoured model, which a plain LeRobot folder
+is not. Where the store lives and its locking: :mod:`~zk0_pipelines.tracking.mlflow_store`; when a
+version is promoted: :mod:`~zk0_pipelines.tracking.promotion`.
 
 Credentials never reach the store: params/tags whose key names a credential, or whose value carries one,
 are dropped (their keys are listed in the ``zk0.withheld_keys`` tag), and checkpoint text files that
@@ -12,52 +12,44 @@ contain a credential value are refused.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
-import math
 import os
 import re
-import subprocess
-import threading
 import time
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field
-from importlib import metadata
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
-from zk0_pipelines.settings import state_dir
+from zk0_pipelines.tracking.mlflow_store import (
+    MlflowStoreUnavailable,
+    busy_timeout_seconds,
+    default_artifact_root,
+    default_tracking_uri,
+    is_unavailable,
+    promotion_lock,
+    set_busy_timeout,
+)
+from zk0_pipelines.tracking.promotion import (
+    ACTION_MSE_TAG,
+    EVAL_LOSS_TAG,
+    SUCCESS_RATE_TAG,
+    PromoteRule,
+    champion_metrics,
+    decide_higher,
+    decide_registration,
+    promotion_metric,
+    tag_float,
+)
+from zk0_pipelines.tracking.round_metrics import is_number
 from zk0_pipelines.tracking.secrets import is_secret_key, looks_like_secret_value, scrub, scrub_mapping
 
 log = logging.getLogger(__name__)
 
 CHALLENGER = "challenger"
 CHAMPION = "champion"
-#: Version tag naming the held-out datasets its eval metrics were computed on (set by the lineage).
-EVAL_SET_TAG = "datasets.eval"
-EVAL_LOSS_TAG = "eval_loss"
-ACTION_MSE_TAG = "action_mse"
-SUCCESS_RATE_TAG = "success_rate"
-PromoteRule = Literal["lower_eval_loss", "lower_action_mse", "higher_success_rate", "always", "never"]
-PROMOTE_RULES: tuple[str, ...] = (
-    "lower_eval_loss",
-    "lower_action_mse",
-    "higher_success_rate",
-    "always",
-    "never",
-)
-#: the metric each rule compares (``always``/``never`` report the eval loss); the success rate comes from
-#: the simulator rollouts, after registration (:meth:`ModelRegistry.decide_on_success_rate`)
-RULE_METRIC = {
-    "lower_eval_loss": EVAL_LOSS_TAG,
-    "lower_action_mse": ACTION_MSE_TAG,
-    "higher_success_rate": SUCCESS_RATE_TAG,
-}
-DEFAULT_BUSY_TIMEOUT_S = 20.0
-#: MLflow's SQLAlchemy store sets this per session on sqlite; ``busy_timeout_s`` rewrites it
-_MLFLOW_BUSY_PRAGMA = re.compile(r"^\s*PRAGMA\s+busy_timeout\s*=\s*\d+\s*;?\s*$", re.IGNORECASE)
 
 MAX_PARAM_VALUE_LEN = 500
 MAX_KEY_LEN = 250
@@ -68,29 +60,6 @@ _BATCH_TAGS = 100
 _TEXT_SUFFIXES = {".json", ".md", ".txt", ".yaml", ".yml", ".toml", ".cfg", ".ini", ".py", ".csv"}
 _TEXT_SCAN_MAX_BYTES = 5 * 1024 * 1024
 _METRIC_KEY_BAD_CHARS = re.compile(r"[^A-Za-z0-9_\-. /]")
-_UNAVAILABLE_HINTS = (
-    "database is locked",
-    "unable to open database",
-    "max retries exceeded",
-    "connection refused",
-    "failed to establish a new connection",
-    "name or service not known",
-    "temporarily_unavailable",
-    "readonly database",
-    "disk i/o error",
-)
-
-
-class MlflowStoreUnavailable(RuntimeError):
-    """The tracking/registry store cannot be reached (locked sqlite, server down, bad path)."""
-
-    def __init__(self, uri: str, cause: BaseException | str):
-        self.uri = scrub(uri)
-        reason = scrub(f"{type(cause).__name__}: {cause}" if isinstance(cause, BaseException) else cause)
-        super().__init__(
-            f"MLflow store {self.uri} is unavailable ({reason.splitlines()[0] if reason else 'unknown'}); "
-            "the checkpoint stays on disk, retry once the store is back"
-        )
 
 
 @dataclass
@@ -124,145 +93,13 @@ class ModelVersionInfo:
 
 
 # ------------------------------------------------------------------------------------------------
-# Defaults and lineage helpers
-# ------------------------------------------------------------------------------------------------
-def promotion_metric(rule: str) -> str:
-    """The metric a promotion rule compares: ``action_mse``, ``success_rate`` or (default) ``eval_loss``."""
-    if rule not in PROMOTE_RULES:
-        raise ValueError(f"promote_rule must be one of {'|'.join(PROMOTE_RULES)}, got {rule!r}")
-    return RULE_METRIC.get(rule, EVAL_LOSS_TAG)
-
-
-def default_store_dir() -> Path:
-    """``<repo>/.zk0/mlflow``: the project's local MLflow store."""
-    return state_dir() / "mlflow"
-
-
-def default_tracking_uri() -> str:
-    """``sqlite:///<repo>/.zk0/mlflow/mlflow.db`` (env ``MLFLOW_TRACKING_URI`` is *not* consulted here)."""
-    return f"sqlite:///{default_store_dir() / 'mlflow.db'}"
-
-
-def default_artifact_root() -> Path:
-    """``<repo>/.zk0/mlflow/artifacts``."""
-    return default_store_dir() / "artifacts"
-
-
-def git_commit(root: Path | str) -> str:
-    """The ``HEAD`` commit of the Git repo at ``root`` (``+dirty`` appended when the tree has changes).
-
-    ``"unknown"`` when ``root`` is not a Git repo, has no commit yet, or Git is missing.
-    """
-    try:
-        head = subprocess.run(
-            ["git", "-C", str(root), "rev-parse", "HEAD"], capture_output=True, text=True, timeout=30
-        )
-        if head.returncode != 0:
-            return "unknown"
-        sha = head.stdout.strip()
-        dirty = subprocess.run(
-            ["git", "-C", str(root), "status", "--porcelain", "--untracked-files=no"],
-            capture_output=True,
-            text=True,
-            timeout=60,
-        )
-        return f"{sha}+dirty" if dirty.returncode == 0 and dirty.stdout.strip() else sha
-    except (OSError, subprocess.SubprocessError):
-        return "unknown"
-
-
-def config_hash(config: Mapping[str, Any]) -> str:
-    """sha256 of the canonical JSON of ``config`` (sorted keys, compact separators)."""
-    canonical = json.dumps(config, sort_keys=True, separators=(",", ":"), ensure_ascii=False, default=str)
-    return hashlib.sha256(canonical.encode("utf-8")).hexdigest()
-
-
-LINEAGE_LIBRARIES = ("torch", "lerobot", "flwr", "dagster", "mlflow", "transformers", "huggingface_hub")
-
-
-def library_versions(names: Iterable[str] = LINEAGE_LIBRARIES) -> dict[str, str]:
-    """Installed versions of the libraries that shape a model (``"not-installed"`` when absent)."""
-    out: dict[str, str] = {}
-    for name in names:
-        try:
-            out[name] = metadata.version(name)
-        except metadata.PackageNotFoundError:
-            out[name] = "not-installed"
-    return out
-
-
-def plot_round_metrics(
-    round_metrics: Sequence[Mapping[str, Any]],
-    out_png: Path,
-    keys: Sequence[str] | None = None,
-    title: str = "Federated training",
-) -> Path:
-    """Plot per-round metrics (x = ``round``) to a PNG with matplotlib's Agg backend.
-
-    ``keys`` defaults to every numeric key containing ``loss`` (or every numeric key if none does).
-    Raises ValueError when there is nothing to plot or a requested key is absent from every round.
-    """
-    import matplotlib
-
-    matplotlib.use("Agg", force=True)
-    import matplotlib.pyplot as plt
-
-    rows = [r for r in round_metrics if "round" in r]
-    if not rows:
-        raise ValueError("plot_round_metrics: no rows with a 'round' key")
-    numeric = sorted(
-        {k for r in rows for k, v in r.items() if k != "round" and _is_number(v)},
-    )
-    if keys is None:
-        keys = [k for k in numeric if "loss" in k] or numeric
-    missing = [k for k in keys if k not in numeric]
-    if missing:
-        raise ValueError(f"plot_round_metrics: key(s) {missing} not found in any round; have {numeric}")
-    if not keys:
-        raise ValueError("plot_round_metrics: no numeric metric to plot")
-    out_png = Path(out_png)
-    out_png.parent.mkdir(parents=True, exist_ok=True)
-    fig, ax = plt.subplots(figsize=(6, 4), dpi=100)
-    try:
-        for key in keys:
-            pts = sorted((int(r["round"]), float(r[key])) for r in rows if _is_number(r.get(key)))
-            ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=key)
-        ax.set_xlabel("round")
-        ax.set_ylabel("value")
-        ax.set_title(title)
-        ax.grid(True, alpha=0.3)
-        ax.legend()
-        fig.tight_layout()
-        fig.savefig(out_png, format="png")
-    finally:
-        plt.close(fig)
-    return out_png
-
-
-# ------------------------------------------------------------------------------------------------
 # Internals
 # ------------------------------------------------------------------------------------------------
-def _is_number(value: Any) -> bool:
-    return isinstance(value, int | float) and not isinstance(value, bool) or _is_numpy_number(value)
+def _flatten(data: Mapping[str, Any]) -> dict[str, Any]:
+    """Nested params/tags as ``a.b`` keys (lerobot's ``flatten_dict``)."""
+    from lerobot.utils.utils import flatten_dict
 
-
-def _is_numpy_number(value: Any) -> bool:
-    try:
-        import numpy as np
-    except ImportError:  # pragma: no cover
-        return False
-    return isinstance(value, np.integer | np.floating) or (isinstance(value, np.ndarray) and value.ndim == 0)
-
-
-def _flatten(data: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for key, value in data.items():
-        name = f"{prefix}{key}"
-        if isinstance(value, Mapping) and value:
-            out.update(_flatten(value, prefix=f"{name}."))
-        else:
-            out[name] = value
-    return out
+    return flatten_dict(dict(data), sep=".")
 
 
 def _truncate(text: str, limit: int) -> str:
@@ -287,137 +124,13 @@ def _metric_key(name: str) -> str:
     return _truncate(_METRIC_KEY_BAD_CHARS.sub("_", str(name)), MAX_KEY_LEN)
 
 
-def _is_unavailable(exc: BaseException) -> bool:
-    chain: list[BaseException] = []
-    cur: BaseException | None = exc
-    while cur is not None and len(chain) < 8:
-        chain.append(cur)
-        cur = cur.__cause__ or cur.__context__
-    for item in chain:
-        code = str(getattr(item, "error_code", ""))
-        if code == "TEMPORARILY_UNAVAILABLE":
-            return True
-        name = type(item).__name__
-        if name in {"OperationalError", "ConnectionError", "MaxRetryError", "NewConnectionError"}:
-            return True
-        text = str(item).lower()
-        if any(hint in text for hint in _UNAVAILABLE_HINTS):
-            return True
-    return False
-
-
-# sqlite busy timeout: MLflow's SQLAlchemy store runs ``PRAGMA busy_timeout = 20000`` in every session
-# (a locked store blocks each call for 20 s). For the sqlite files in _BUSY_TIMEOUT_MS that statement is
-# rewritten to the configured value, and new connections get it too (MLflow's schema checks run outside
-# sessions). Process-wide, like MLflow's own engine cache, keyed by the resolved database file.
-_BUSY_TIMEOUT_MS: dict[str, int] = {}
-_BUSY_HOOKS: list[bool] = []
-_BUSY_LOCK = threading.Lock()
-
-
-def busy_timeout_seconds(given: float | None = None) -> float:
-    """The sqlite busy timeout: ``given``, else env ``ZK0_MLFLOW_BUSY_TIMEOUT_S``, else MLflow's 20 s."""
-    if given is None:
-        raw = os.environ.get("ZK0_MLFLOW_BUSY_TIMEOUT_S", "").strip()
-        try:
-            given = float(raw) if raw else DEFAULT_BUSY_TIMEOUT_S
-        except ValueError as exc:
-            raise ValueError(f"ZK0_MLFLOW_BUSY_TIMEOUT_S must be a number of seconds, got {raw!r}") from exc
-    if not math.isfinite(given) or given < 0:
-        raise ValueError(f"sqlite busy timeout must be >= 0 seconds, got {given!r}")
-    return float(given)
-
-
-def _sqlite_file(uri: str) -> str | None:
-    if not uri.startswith("sqlite:///"):
-        return None
-    path = uri.removeprefix("sqlite:///").split("?", 1)[0]
-    return str(Path(path).resolve()) if path and path != ":memory:" else None
-
-
-def _set_busy_timeout(uri: str, seconds: float) -> None:
-    """Apply ``seconds`` as the busy timeout of every connection MLflow opens to the sqlite store ``uri``."""
-    path = _sqlite_file(uri)
-    ms = int(round(seconds * 1000))
-    if path is None or (not _BUSY_HOOKS and ms == int(DEFAULT_BUSY_TIMEOUT_S * 1000)):
-        return  # MLflow's own behaviour until some store asks for another timeout
-    with _BUSY_LOCK:
-        _BUSY_TIMEOUT_MS[path] = ms
-        if not _BUSY_HOOKS:
-            _install_busy_hooks()
-            _BUSY_HOOKS.append(True)
-
-
-@contextmanager
-def promotion_lock(registry_uri: str, model_name: str) -> Iterator[None]:
-    """Serialise read-champion → decide → create version → set aliases across concurrent registrations.
-
-    PostgreSQL store: a session advisory lock taken in the store itself (every host); sqlite store: an
-    exclusive ``flock`` on a file beside the database (this machine). A tracking server (http) has no
-    lock of its own: there, the run queue's one-training-per-set rule is the guard.
-    """
-    if registry_uri.startswith("postgresql"):
-        import sqlalchemy
-
-        key = int.from_bytes(hashlib.sha256(f"zk0.promotion:{model_name}".encode()).digest()[:8], "big")
-        key -= 1 << 63 if key >= 1 << 63 else 0  # PostgreSQL's bigint
-        engine = sqlalchemy.create_engine(registry_uri, poolclass=sqlalchemy.pool.NullPool)
-        try:
-            with engine.connect() as conn:
-                conn.execute(sqlalchemy.text("SELECT pg_advisory_lock(:k)"), {"k": key})
-                try:
-                    yield
-                finally:
-                    conn.execute(sqlalchemy.text("SELECT pg_advisory_unlock(:k)"), {"k": key})
-        finally:
-            engine.dispose()
-        return
-    path = _sqlite_file(registry_uri)
-    if path is None:
-        yield
-        return
-    import fcntl
-
-    with open(f"{path}.promotion.lock", "a") as handle:
-        fcntl.flock(handle, fcntl.LOCK_EX)  # released when the file is closed
-        yield
-
-
-def _install_busy_hooks() -> None:
-    """SQLAlchemy hooks (all engines) that apply ``_BUSY_TIMEOUT_MS`` to the sqlite files listed there."""
-    import sqlite3
-
-    from sqlalchemy import event
-    from sqlalchemy.engine import Engine
-
-    def on_connect(dbapi_connection, _record) -> None:
-        if not isinstance(dbapi_connection, sqlite3.Connection):
-            return
-        rows = dbapi_connection.execute("PRAGMA database_list").fetchall()
-        main = next((row[2] for row in rows if row[1] == "main"), "")
-        ms = _BUSY_TIMEOUT_MS.get(str(Path(main).resolve())) if main else None
-        if ms is not None:
-            dbapi_connection.execute(f"PRAGMA busy_timeout = {ms}")
-
-    def before_cursor_execute(conn, _cursor, statement, parameters, _context, _executemany):
-        if _MLFLOW_BUSY_PRAGMA.match(statement) and conn.engine.url.get_backend_name() == "sqlite":
-            database = conn.engine.url.database
-            ms = _BUSY_TIMEOUT_MS.get(str(Path(database).resolve())) if database else None
-            if ms is not None:
-                statement = f"PRAGMA busy_timeout = {ms};"
-        return statement, parameters
-
-    event.listen(Engine, "connect", on_connect)
-    event.listen(Engine, "before_cursor_execute", before_cursor_execute, retval=True)
-
-
 def _scrub_obj(value: Any) -> Any:
     """JSON-ready copy of ``value`` with credential-named keys dropped and credential values masked."""
     if isinstance(value, Mapping):
         return {str(k): _scrub_obj(v) for k, v in value.items() if not is_secret_key(str(k))}
     if isinstance(value, list | tuple):
         return [_scrub_obj(v) for v in value]
-    if _is_number(value) or value is None or isinstance(value, bool):
+    if is_number(value) or value is None or isinstance(value, bool):
         return value.item() if hasattr(value, "item") else value
     return scrub(value)
 
@@ -456,7 +169,7 @@ class ModelRegistry:
         self.registry_uri = registry_uri or self.tracking_uri
         self.busy_timeout_s = busy_timeout_seconds(busy_timeout_s)
         for uri in {self.tracking_uri, self.registry_uri}:
-            _set_busy_timeout(uri, self.busy_timeout_s)
+            set_busy_timeout(uri, self.busy_timeout_s)
         self.experiment_name = experiment
         self.artifact_location = self._artifact_location(artifact_location)
         self._client = None
@@ -482,7 +195,7 @@ class ModelRegistry:
         except MlflowStoreUnavailable:
             raise
         except Exception as exc:
-            if _is_unavailable(exc):
+            if is_unavailable(exc):
                 raise MlflowStoreUnavailable(self.tracking_uri, exc) from exc
             raise
 
@@ -630,7 +343,7 @@ class ModelRegistry:
                 raise ValueError(f"round_metrics[{i}] has no 'round' key: {sorted(row)}")
             step = int(row["round"])
             for key, value in row.items():
-                if key == "round" or not _is_number(value):
+                if key == "round" or not is_number(value):
                     continue
                 out.append(metric_cls(_metric_key(key), float(value), now_ms, step))
         return out
@@ -645,7 +358,7 @@ class ModelRegistry:
             step = int(row["round"])
             client = str(row["client"]).replace("/", "_")
             for key, value in row.items():
-                if key in ("round", "client") or not _is_number(value):
+                if key in ("round", "client") or not is_number(value):
                     continue
                 out.append(metric_cls(_metric_key(f"client/{client}/{key}"), float(value), now_ms, step))
         return out
@@ -673,7 +386,7 @@ class ModelRegistry:
             try:
                 return self.client.get_model_version_by_alias(model_name, CHAMPION)
             except MlflowException as exc:
-                if _is_unavailable(exc):
+                if is_unavailable(exc):
                     raise
                 return None
 
@@ -721,22 +434,9 @@ class ModelRegistry:
             self._ensure_registered_model(model_name)
         with self._guard(), promotion_lock(self.registry_uri, model_name):
             current = self.champion(model_name)
-            champ = {
-                key: _tag_float(current.tags.get(key)) if current is not None else None
-                for key in (EVAL_LOSS_TAG, ACTION_MSE_TAG)
-            }
+            champ = champion_metrics(current)
             new = {EVAL_LOSS_TAG: loss, ACTION_MSE_TAG: mse}
-            if promote_rule == "higher_success_rate":
-                promoted, decision = (
-                    False,
-                    "kept as challenger until rollout_evaluation compares success rates",
-                )
-            elif promote_rule in ("lower_eval_loss", "lower_action_mse") and (
-                other_eval := _other_eval_set(current, version_tags)
-            ):
-                promoted, decision = False, other_eval
-            else:
-                promoted, decision = _decide(promote_rule, metric, new[metric], current, champ[metric])
+            promoted, decision = decide_registration(promote_rule, new, current, champ, version_tags)
             version_tags["zk0.promotion.rule"] = promote_rule
             version_tags["zk0.promotion.metric"] = metric
             version_tags["zk0.promotion.decision"] = decision
@@ -778,8 +478,8 @@ class ModelRegistry:
             current = self.champion(model_name)
             if current is not None and str(current.version) == str(version):
                 current = None  # already the champion (e.g. promoted by another rule): nothing to beat
-            champ_rate = _tag_float(current.tags.get(SUCCESS_RATE_TAG)) if current is not None else None
-            promoted, decision = _decide_higher(SUCCESS_RATE_TAG, rate, current, champ_rate)
+            champ_rate = tag_float(current.tags.get(SUCCESS_RATE_TAG)) if current is not None else None
+            promoted, decision = decide_higher(SUCCESS_RATE_TAG, rate, current, champ_rate)
             tags = {SUCCESS_RATE_TAG: repr(rate), "zk0.promotion.decision": decision}
             tags["zk0.promotion.champion_success_rate"] = (
                 repr(champ_rate) if champ_rate is not None else "none"
@@ -823,65 +523,3 @@ class ModelRegistry:
                 artifact_uri=mv.source, dst_path=str(dst), tracking_uri=self.tracking_uri
             )
         return Path(local)
-
-
-def _tag_float(value: str | None) -> float | None:
-    if value is None:
-        return None
-    try:
-        out = float(value)
-    except ValueError:
-        return None
-    return out if math.isfinite(out) else None
-
-
-def _decide_higher(metric: str, value: float, current, champ_value: float | None) -> tuple[bool, str]:
-    """Promotion decision where a higher ``metric`` wins (the rollout success rate)."""
-    if not math.isfinite(value):
-        return False, f"kept as challenger: {metric} is {value!r}"
-    if current is None:
-        return True, f"promoted: no champion yet ({metric}={value:.6g})"
-    if champ_value is None:
-        return True, f"promoted: champion v{current.version} has no recorded {metric} ({metric}={value:.6g})"
-    if value > champ_value:
-        return True, f"promoted: {metric} {value:.6g} > champion v{current.version} {champ_value:.6g}"
-    return False, f"kept as challenger: {metric} {value:.6g} <= champion v{current.version} {champ_value:.6g}"
-
-
-def _other_eval_set(current, version_tags: Mapping[str, str]) -> str | None:
-    """Why the champion cannot be compared (it was evaluated on other held-out datasets), or None.
-
-    A metric of another eval set says nothing about which model is better; ``always``/``never`` rules and
-    versions without a recorded eval set are not affected.
-    """
-    if current is None:
-        return None
-    mine, theirs = version_tags.get(EVAL_SET_TAG), (current.tags or {}).get(EVAL_SET_TAG)
-    if not mine or not theirs or mine == theirs:
-        return None
-    return (
-        f"kept as challenger: champion v{current.version} was evaluated on {theirs!r}, this version on "
-        f"{mine!r}; their metrics are not comparable (promote by hand after review)"
-    )
-
-
-def _decide(
-    rule: str, metric: str, value: float | None, current, champ_value: float | None
-) -> tuple[bool, str]:
-    """Promotion decision for ``rule``; ``metric`` names the compared value (``eval_loss``/``action_mse``)."""
-    if rule == "always":
-        return True, "promoted: rule=always"
-    if rule == "never":
-        return False, "kept as challenger: rule=never"
-    if value is None or not math.isfinite(value):
-        return False, f"kept as challenger: {metric} is {value!r}"
-    if current is None:
-        return True, f"promoted: no champion yet ({metric}={value:.6g})"
-    if champ_value is None:
-        return True, f"promoted: champion v{current.version} has no recorded {metric} ({metric}={value:.6g})"
-    if value < champ_value:
-        return True, f"promoted: {metric} {value:.6g} < champion v{current.version} {champ_value:.6g}"
-    return (
-        False,
-        f"kept as challenger: {metric} {value:.6g} >= champion v{current.version} {champ_value:.6g}",
-    )
