@@ -64,7 +64,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--rounds", type=int, default=6)
+    C.run_config_option(parser, "num-server-rounds", flag="--rounds", default=6)
+    C.run_config_option(parser, "local-steps", default=4)
     parser.add_argument("--clients", type=int, default=3, help="first N demo client datasets (1-3)")
     parser.add_argument("--keep", action="store_true", help="keep .zk0/bench/round_overhead")
     args = parser.parse_args(argv)
@@ -82,7 +83,11 @@ def main(argv: list[str] | None = None) -> int:
         train_roots = [C.write_dataset(data, name, **spec) for name, spec in C.DEMO_SPECS[: args.clients]]
         eval_roots = [C.write_dataset(data, C.DEMO_EVAL_SPEC[0], **C.DEMO_EVAL_SPEC[1])]
         print(f"datasets written in {time.perf_counter() - t0:.1f} s")
-        config = {"num-server-rounds": args.rounds, "min-available-clients": len(train_roots)}
+        config = {
+            "num-server-rounds": args.rounds,
+            "local-steps": args.local_steps,
+            "min-available-clients": len(train_roots),
+        }
         cfg = parse_run_config(config)
         t1 = time.perf_counter()
         result = run_federated(train_roots, eval_roots, work / "run", config)

@@ -62,7 +62,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--rounds", type=int, default=6)
+    C.run_config_option(parser, "num-server-rounds", flag="--rounds", default=6)
+    C.run_config_option(parser, "local-steps", default=4)
     parser.add_argument("--clients", type=int, default=3, help="first N demo client datasets (1-3)")
     parser.add_argument("--keep", action="store_true", help="keep .zk0/bench/run_startup")
     args = parser.parse_args(argv)
@@ -81,7 +82,11 @@ def main(argv: list[str] | None = None) -> int:
         baseline = base_import + base_build
         print(f"baseline: import torch + lerobot {base_import:.2f} s, build tiny policy {base_build:.2f} s")
         print(C.load_note())
-        config = {"num-server-rounds": args.rounds, "min-available-clients": len(train_roots)}
+        config = {
+            "num-server-rounds": args.rounds,
+            "local-steps": args.local_steps,
+            "min-available-clients": len(train_roots),
+        }
         shutil.rmtree(work / "run", ignore_errors=True)  # a kept earlier run would be refused
         t0 = time.perf_counter()
         result = run_federated(train_roots, eval_roots, work / "run", config)
