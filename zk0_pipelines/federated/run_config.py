@@ -290,13 +290,36 @@ def split_paths(value: str) -> list[Path]:
     return [Path(part.strip()) for part in value.split(",") if part.strip()]
 
 
+_TYPE_ERRORS = {
+    "int_type": "must be an integer",
+    "float_type": "must be a number",
+    "string_type": "must be a string",
+    "bool_type": "must be a boolean",
+}
+_BOUND_ERRORS = {
+    "greater_than_equal": ("ge", ">="),
+    "greater_than": ("gt", ">"),
+    "less_than_equal": ("le", "<="),
+}
+
+
 def _error_text(error: Mapping[str, Any]) -> str:
     """One pydantic error as a sentence naming the run-config key."""
     message = str(error["msg"]).removeprefix("Value error, ")
     if not error["loc"]:  # a cross-field rule: its message names the keys
         return message
     key = kebab(str(error["loc"][0]))
-    return f"run config key '{key}': {message[:1].lower()}{message[1:]}, got {error['input']!r}"
+    if error["type"] == "literal_error":
+        choices = typing.get_args(RunConfig.model_fields[key.replace("-", "_")].annotation)
+        message = f"must be one of {', '.join(choices)}"
+    elif error["type"] in _BOUND_ERRORS:
+        attr, sign = _BOUND_ERRORS[error["type"]]
+        message = f"must be {sign} {error['ctx'][attr]}"
+    elif error["type"] in _TYPE_ERRORS:
+        message = _TYPE_ERRORS[error["type"]]
+    elif not message.startswith(("must", "has")):
+        message = f"is invalid: {message}"
+    return f"run config key '{key}' {message}, got {error['input']!r}"
 
 
 def parse_run_config(values: Mapping[str, Any], *, fill_defaults: bool = True) -> RunConfig:
