@@ -108,6 +108,23 @@ def run_config_option(
     )
 
 
+def demo_run_options(parser: argparse.ArgumentParser, name: str) -> None:
+    """The options of the benches that run the demo: rounds, local steps, clients, keep."""
+    run_config_option(parser, "num-server-rounds", flag="--rounds", default=6)
+    run_config_option(parser, "local-steps", default=4)
+    parser.add_argument("--clients", type=int, default=3, help="first N demo client datasets (1-3)")
+    parser.add_argument("--keep", action="store_true", help=f"keep .zk0/bench/{name}")
+
+
+def demo_run_config(args: argparse.Namespace) -> dict[str, Any]:
+    """The run config of those options: every client is needed to start."""
+    return {
+        "num-server-rounds": args.rounds,
+        "local-steps": args.local_steps,
+        "min-available-clients": args.clients,
+    }
+
+
 def load_note() -> str:
     """The machine's 1-minute load average against its core count (timings are unreliable when busy)."""
     load = os.getloadavg()[0]

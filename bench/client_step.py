@@ -1,7 +1,8 @@
 """The ClientApp's local training step ÷ a plain lerobot training step (tiny SmolVLA, same batches).
 
 Measured: ``zk0_pipelines.federated.task.train_local`` (what ``client_app.train`` calls once per round, with
-``local-steps`` steps) with the default run config (FedAvg: no proximal term), and once more with FedProx
+``--local-steps`` steps, 4) with the default run config otherwise (FedAvg: no proximal term), and once more
+with FedProx
 (``proximal-mu`` = ``--mu``). Time per step = wall time of the call ÷ steps (optimizer creation, weight
 snapshot, data loader and metrics included, as in a round).
 

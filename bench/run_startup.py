@@ -5,7 +5,8 @@ Fixed cost = ``run_federated``'s wall time − Σ the rounds' wall times (``metr
 and importing, the query round, the server's policy build, the round-0 baseline evaluation, the final export
 and the shutdown. It runs ``run_federated`` (Flower simulation, one SuperNode per dataset) on the three
 synthetic client datasets and the eval dataset of ``configs/datasets.demo.yaml`` with the default run config
-except ``num-server-rounds`` (``--rounds``) and ``min-available-clients`` (= ``--clients``).
+except ``num-server-rounds`` (``--rounds``), ``local-steps`` (``--local-steps``, 4) and
+``min-available-clients`` (= ``--clients``).
 
 Baseline: a fresh Python process (same interpreter, same single-thread settings as a client) that imports
 torch and lerobot's SmolVLA and builds the tiny policy once (``PolicySpec(source="tiny")``) for a demo
@@ -62,10 +63,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    C.run_config_option(parser, "num-server-rounds", flag="--rounds", default=6)
-    C.run_config_option(parser, "local-steps", default=4)
-    parser.add_argument("--clients", type=int, default=3, help="first N demo client datasets (1-3)")
-    parser.add_argument("--keep", action="store_true", help="keep .zk0/bench/run_startup")
+    C.demo_run_options(parser, "run_startup")
     args = parser.parse_args(argv)
     if not 1 <= args.clients <= len(C.DEMO_SPECS):
         parser.error(f"--clients must be between 1 and {len(C.DEMO_SPECS)}")
@@ -82,11 +80,7 @@ def main(argv: list[str] | None = None) -> int:
         baseline = base_import + base_build
         print(f"baseline: import torch + lerobot {base_import:.2f} s, build tiny policy {base_build:.2f} s")
         print(C.load_note())
-        config = {
-            "num-server-rounds": args.rounds,
-            "local-steps": args.local_steps,
-            "min-available-clients": len(train_roots),
-        }
+        config = C.demo_run_config(args)
         shutil.rmtree(work / "run", ignore_errors=True)  # a kept earlier run would be refused
         t0 = time.perf_counter()
         result = run_federated(train_roots, eval_roots, work / "run", config)
