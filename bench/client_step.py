@@ -2,8 +2,8 @@
 
 Measured: ``zk0_pipelines.federated.task.train_local`` (what ``client_app.train`` calls once per round, with
 ``--local-steps`` steps, 4) with the default run config otherwise (FedAvg: no proximal term), and once more
-with FedProx (``proximal-mu`` = ``--mu``). Time per step = wall time of the call ÷ steps (optimizer creation, weight
-snapshot, data loader and metrics included, as in a round).
+with FedProx (``proximal-mu`` = ``--mu``). Time per step = wall time of the call ÷ steps (optimizer
+creation, weight snapshot, data loader and metrics included, as in a round).
 
 Baseline: lerobot's own training step on an identical policy, same seed, same batches: ``AdamW`` created
 once per call like in a round, a ``DataLoader`` over the same frames (shuffled with the same seeded
