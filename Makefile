@@ -26,12 +26,13 @@ export TMPDIR := $(ROOT)/.zk0/tmp
 
 PYTEST_ARGS ?=
 
-.PHONY: help install demo test lint ui mlflow-ui clean-state system-deps demo-sim postgres-install postgres-up postgres-down ui-postgres mlflow-ui-postgres serve
+.PHONY: help install demo test lint config ui mlflow-ui clean-state system-deps demo-sim postgres-install postgres-up postgres-down ui-postgres mlflow-ui-postgres serve
 help:
 	@echo "make demo   - install and run the offline demo lineage (datasets -> registered model -> release folder)"
 	@echo "make test   - install what is missing and run the tests"
 	@echo "make ui     - Dagster webserver + daemon on http://127.0.0.1:3000"
 	@echo "make lint   - ruff"
+	@echo "make config - rewrite the tables generated from the typed config (pyproject app config, README)"
 	@echo "make system-deps - Debian's Mesa (offscreen OpenGL for the SO-101 simulator), when missing"
 	@echo "make demo-sim    - the demo on scripted-expert datasets recorded in the SO-101 simulator"
 	@echo "make ui-postgres / mlflow-ui-postgres - the same on the checkout's private PostgreSQL (.zk0/postgres)"
@@ -73,6 +74,10 @@ test: install
 lint: install
 	$(VENV)/bin/ruff check zk0_pipelines tests bench
 	$(VENV)/bin/ruff format --check zk0_pipelines tests bench
+
+# pyproject.toml's [tool.flwr.app.config] and the README's config tables, rendered from the code.
+config: install
+	$(VENV)/bin/zk0 config --write
 
 ui: install
 	$(VENV)/bin/zk0 ui

@@ -6,11 +6,13 @@ Every script prints its ratio on the last line as ``<name>: <ratio>``. Work fold
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import shutil
 import statistics
 import time
+import typing
 from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
@@ -82,6 +84,45 @@ def cleanup(work: Path, keep: bool) -> None:
     bench_root = (settings.state_dir() / "bench").resolve()
     if Path(work).resolve().parent == bench_root:
         shutil.rmtree(work, ignore_errors=True)
+
+
+def run_config_option(
+    parser: argparse.ArgumentParser, key: str, *, flag: str | None = None, default: Any = None
+) -> None:
+    """Add ``--<key>`` (or ``flag``) for a run-config key: type, choices and help from ``RunConfig``, its
+    default unless the bench gives its own."""
+    from zk0_pipelines.federated.run_config import RunConfig, describe, kebab
+
+    name = key.replace("-", "_")
+    field = RunConfig.model_fields[name]
+    assert kebab(name) == key, key
+    choices = (
+        typing.get_args(field.annotation) if typing.get_origin(field.annotation) is typing.Literal else None
+    )
+    parser.add_argument(
+        flag or f"--{key}",
+        type=str if choices else field.annotation,
+        choices=choices,
+        default=field.default if default is None else default,
+        help=f"run-config {key}: {describe(name)} (default %(default)s)",
+    )
+
+
+def demo_run_options(parser: argparse.ArgumentParser, name: str) -> None:
+    """The options of the benches that run the demo: rounds, local steps, clients, keep."""
+    run_config_option(parser, "num-server-rounds", flag="--rounds", default=6)
+    run_config_option(parser, "local-steps", default=4)
+    parser.add_argument("--clients", type=int, default=3, help="first N demo client datasets (1-3)")
+    parser.add_argument("--keep", action="store_true", help=f"keep .zk0/bench/{name}")
+
+
+def demo_run_config(args: argparse.Namespace) -> dict[str, Any]:
+    """The run config of those options: every client is needed to start."""
+    return {
+        "num-server-rounds": args.rounds,
+        "local-steps": args.local_steps,
+        "min-available-clients": args.clients,
+    }
 
 
 def load_note() -> str:

@@ -1,9 +1,9 @@
 """The ClientApp's local training step ÷ a plain lerobot training step (tiny SmolVLA, same batches).
 
 Measured: ``zk0_pipelines.federated.task.train_local`` (what ``client_app.train`` calls once per round, with
-``local-steps`` steps) with the default run config (FedAvg: no proximal term), and once more with FedProx
-(``proximal-mu`` = ``--mu``). Time per step = wall time of the call ÷ steps (optimizer creation, weight
-snapshot, data loader and metrics included, as in a round).
+``--local-steps`` steps, 4) with the default run config otherwise (FedAvg: no proximal term), and once more
+with FedProx (``proximal-mu`` = ``--mu``). Time per step = wall time of the call ÷ steps (optimizer
+creation, weight snapshot, data loader and metrics included, as in a round).
 
 Baseline: lerobot's own training step on an identical policy, same seed, same batches: ``AdamW`` created
 once per call like in a round, a ``DataLoader`` over the same frames (shuffled with the same seeded
@@ -38,7 +38,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--reps", type=int, default=25)
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--mu", type=float, default=0.01, help="FedProx proximal-mu of the second variant")
+    C.run_config_option(parser, "proximal-mu", flag="--mu", default=0.01)  # the FedProx variant's
+    C.run_config_option(parser, "local-steps", default=4)
     parser.add_argument("--keep", action="store_true", help="keep .zk0/bench/client_step")
     args = parser.parse_args(argv)
     work = C.setup_env("client_step")
@@ -50,7 +51,7 @@ def main(argv: list[str] | None = None) -> int:
         from zk0_pipelines.policy import build_processors
 
         torch.set_num_threads(args.threads)
-        cfg = parse_run_config({})  # the default run config (fedavg)
+        cfg = parse_run_config({"local-steps": args.local_steps})  # otherwise the defaults (fedavg)
         name, spec = C.DEMO_SPECS[0]
         root = C.write_dataset(work / "data", name, **spec)
         meta = task.open_metadata(root)

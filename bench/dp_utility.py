@@ -36,9 +36,9 @@ def main(argv: list[str] | None = None) -> int:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--keep", action="store_true", help="keep .zk0/bench/dp_utility")
-    parser.add_argument("--noise-multiplier", type=float, default=1.0)
-    parser.add_argument("--clipping-norm", type=float, default=0.1)
-    parser.add_argument("--delta", type=float, default=1e-5)
+    C.run_config_option(parser, "dp-noise-multiplier", flag="--noise-multiplier")
+    C.run_config_option(parser, "dp-clipping-norm", flag="--clipping-norm", default=0.1)
+    C.run_config_option(parser, "dp-delta", flag="--delta")
     args = parser.parse_args(argv)
     work = C.setup_env("dp_utility")
     try:

@@ -81,18 +81,14 @@ def main(argv: list[str] | None = None) -> int:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--episodes", type=int, default=2, help="expert episodes per training lab")
-    parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--local-steps", type=int, default=4, help="local steps per client and round")
-    parser.add_argument("--batch-size", type=int, default=4)
-    parser.add_argument("--lr", type=float, default=1e-3)
-    parser.add_argument("--mu", type=float, default=0.01, help="FedProx proximal-mu")
+    C.run_config_option(parser, "num-server-rounds", flag="--rounds", default=3)
+    C.run_config_option(parser, "local-steps", default=4)
+    C.run_config_option(parser, "batch-size", default=4)
+    C.run_config_option(parser, "learning-rate", flag="--lr", default=1e-3)
+    C.run_config_option(parser, "proximal-mu", flag="--mu", default=0.01)
     parser.add_argument("--rollouts", type=int, default=5, help="seeded rollout episodes on the held-out lab")
     parser.add_argument("--max-steps", type=int, default=60)
-    parser.add_argument(
-        "--policy-source",
-        default="tiny",
-        help="tiny (offline) or pretrained (lerobot/smolvla_base, needs the Hub)",
-    )
+    C.run_config_option(parser, "policy-source")  # pretrained: lerobot/smolvla_base, needs the Hub
     parser.add_argument("--keep", action="store_true", help="keep .zk0/bench/federated_vs_central")
     args = parser.parse_args(argv)
     work = C.setup_env("federated_vs_central")

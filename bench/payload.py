@@ -90,7 +90,7 @@ def main(argv: list[str] | None = None) -> int:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--keep", action="store_true", help="keep .zk0/bench/payload")
-    parser.add_argument("--lora-rank", type=int, default=16, help="LoRA rank of the adapters-only payload")
+    C.run_config_option(parser, "lora-rank", default=16)  # the adapters-only payload's rank
     args = parser.parse_args(argv)
     work = C.setup_env("payload")
     try:

@@ -3,7 +3,8 @@
 Runs ``zk0_pipelines.federated.launcher.run_federated`` (Flower simulation, one SuperNode per dataset) on
 the three synthetic client datasets and the eval dataset of ``configs/datasets.demo.yaml``, written with
 ``write_synthetic_so100`` into ``.zk0/bench/round_overhead``, with the default run config except
-``num-server-rounds`` (``--rounds``) and ``min-available-clients`` (= ``--clients``). From ``metrics.json``:
+``num-server-rounds`` (``--rounds``), ``local-steps`` (``--local-steps``, 4) and ``min-available-clients``
+(= ``--clients``). From ``metrics.json``:
 
 - round wall time: ``rounds[i]["wall-time-s"]`` (the strategy's configure_train → end of the server's
   evaluate_fn for that round: sending, client training, replies, aggregation, server eval, checkpoint);
@@ -64,9 +65,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--rounds", type=int, default=6)
-    parser.add_argument("--clients", type=int, default=3, help="first N demo client datasets (1-3)")
-    parser.add_argument("--keep", action="store_true", help="keep .zk0/bench/round_overhead")
+    C.demo_run_options(parser, "round_overhead")
     args = parser.parse_args(argv)
     if args.rounds < 2:
         parser.error("--rounds must be >= 2 (round 1 is start-up)")
@@ -82,7 +81,7 @@ def main(argv: list[str] | None = None) -> int:
         train_roots = [C.write_dataset(data, name, **spec) for name, spec in C.DEMO_SPECS[: args.clients]]
         eval_roots = [C.write_dataset(data, C.DEMO_EVAL_SPEC[0], **C.DEMO_EVAL_SPEC[1])]
         print(f"datasets written in {time.perf_counter() - t0:.1f} s")
-        config = {"num-server-rounds": args.rounds, "min-available-clients": len(train_roots)}
+        config = C.demo_run_config(args)
         cfg = parse_run_config(config)
         t1 = time.perf_counter()
         result = run_federated(train_roots, eval_roots, work / "run", config)

@@ -7,7 +7,8 @@ final export and the shutdown. The median, not the sum of the rounds: clients im
 after the query round, so round 1 carries start-up work that a plain sum would hide.
 It runs ``run_federated`` (Flower simulation, one SuperNode per dataset) on the three
 synthetic client datasets and the eval dataset of ``configs/datasets.demo.yaml`` with the default run config
-except ``num-server-rounds`` (``--rounds``) and ``min-available-clients`` (= ``--clients``).
+except ``num-server-rounds`` (``--rounds``), ``local-steps`` (``--local-steps``, 4) and
+``min-available-clients`` (= ``--clients``).
 
 Baseline: a fresh Python process (same interpreter, same single-thread settings as a client) that imports
 torch and lerobot's SmolVLA and builds the tiny policy once (``PolicySpec(source="tiny")``) for a demo
@@ -65,9 +66,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--rounds", type=int, default=6)
-    parser.add_argument("--clients", type=int, default=3, help="first N demo client datasets (1-3)")
-    parser.add_argument("--keep", action="store_true", help="keep .zk0/bench/run_startup")
+    C.demo_run_options(parser, "run_startup")
     args = parser.parse_args(argv)
     if not 1 <= args.clients <= len(C.DEMO_SPECS):
         parser.error(f"--clients must be between 1 and {len(C.DEMO_SPECS)}")
@@ -84,7 +83,7 @@ def main(argv: list[str] | None = None) -> int:
         baseline = base_import + base_build
         print(f"baseline: import torch + lerobot {base_import:.2f} s, build tiny policy {base_build:.2f} s")
         print(C.load_note())
-        config = {"num-server-rounds": args.rounds, "min-available-clients": len(train_roots)}
+        config = C.demo_run_config(args)
         shutil.rmtree(work / "run", ignore_errors=True)  # a kept earlier run would be refused
         t0 = time.perf_counter()
         result = run_federated(train_roots, eval_roots, work / "run", config)

@@ -13,6 +13,7 @@ from collections.abc import Iterator
 import pytest
 from _fixtures_ui import free_port
 
+from zk0_pipelines import env_settings
 from zk0_pipelines.postgres import LocalPostgres, PostgresUnavailable, bin_dir
 from zk0_pipelines.settings import REPO_ROOT
 
@@ -23,7 +24,7 @@ def fixture_postgres() -> Iterator[LocalPostgres]:
     try:
         bin_dir()
     except PostgresUnavailable as exc:
-        if os.environ.get("ZK0_REQUIRE_POSTGRES") == "1":
+        if env_settings.REQUIRE_POSTGRES.flag():
             pytest.fail(str(exc))
         pytest.skip(str(exc))
     server = LocalPostgres(REPO_ROOT / ".zk0" / f"test-postgres-{os.getpid()}", free_port())

@@ -27,8 +27,10 @@ from typing import Any
 import yaml
 from _fixtures_lineage import synthetic_source
 
+from zk0_pipelines import env_settings
+
 CHECKOUT = Path(__file__).resolve().parents[1]
-CHROMIUM = os.environ.get("ZK0_CHROMIUM", "/usr/bin/chromium")
+CHROMIUM = env_settings.CHROMIUM.text() or "/usr/bin/chromium"
 CHROMIUM_ARGS = [
     "--headless",
     "--no-sandbox",

@@ -9,9 +9,17 @@ import tomllib
 from pathlib import Path
 
 import pytest
+from pydantic import ValidationError
 
-from zk0_pipelines.federated import app_folder, launch_records, launcher
-from zk0_pipelines.federated.run_config import KEYS, defaults, parse_run_config, pyproject_app_config
+from zk0_pipelines import config_tables
+from zk0_pipelines.federated import app_folder, deployment, launch_records, launcher
+from zk0_pipelines.federated.run_config import (
+    KEYS,
+    defaults,
+    parse_run_config,
+    pyproject_app_config,
+    replace,
+)
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -75,11 +83,72 @@ def test_rendered_app_config_round_trips():
     assert parse_run_config(table) == parse_run_config(values)
 
 
-def test_repo_pyproject_app_config_is_valid_and_mirrors_defaults():
-    table = tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["flwr"]["app"]["config"]
-    cfg = parse_run_config(table)  # unknown keys or bad values in pyproject fail here
-    for key in table:
-        assert cfg.to_dict()[key] == defaults()[key], f"pyproject default for {key} differs from run_config"
+def test_repo_pyproject_app_config_is_the_rendered_defaults():
+    text = (REPO / "pyproject.toml").read_text()
+    assert config_tables.pyproject_app_table(text) == pyproject_app_config(), "run `make config`"
+    table = tomllib.loads(text)["tool"]["flwr"]["app"]["config"]
+    assert parse_run_config(table, fill_defaults=False).to_dict() == defaults()
+
+
+def test_defaults_are_the_offline_demo_s():
+    cfg = parse_run_config({})
+    assert (cfg.local_steps, cfg.min_available_clients, cfg.num_server_rounds) == (2, 1, 2)
+
+
+@pytest.mark.parametrize(
+    ("key", "value"),
+    [
+        ("local-steps", 2.5),
+        ("learning-rate", True),
+        ("learning-rate", "1e-4"),
+        ("seed", -1),
+        ("lr-step-gamma", 1.5),
+        ("fraction-evaluate", 1.5),
+        ("output-dir", 3),
+        ("dp", "local"),
+    ],
+)
+def test_strict_types_and_bounds(key, value):
+    with pytest.raises(ValueError, match=f"run config key '{key}'"):
+        parse_run_config({key: value})
+
+
+def test_every_error_is_named_and_snake_case_keys_are_unknown():
+    with pytest.raises(ValueError) as info:
+        parse_run_config({"local-steps": 0, "batch-size": "x"})
+    assert "'local-steps'" in str(info.value) and "'batch-size'" in str(info.value)
+    with pytest.raises(ValueError, match="unknown run config key"):
+        parse_run_config({"local_steps": 3})
+
+
+def test_missing_key_is_an_error_without_defaults():
+    values = defaults()
+    del values["seed"]
+    with pytest.raises(ValueError, match="'seed' is missing"):
+        parse_run_config(values, fill_defaults=False)
+
+
+def test_frozen_and_replace_revalidates():
+    cfg = parse_run_config({"seed": 3})
+    with pytest.raises(ValidationError):
+        cfg.seed = 4
+    changed = replace(cfg, **{"local-steps": 5})
+    assert (changed.seed, changed.local_steps, cfg.local_steps) == (3, 5, 2)
+    with pytest.raises(ValueError, match="'local-steps'"):
+        replace(cfg, **{"local-steps": 0})
+    assert list(cfg.to_dict()) == list(KEYS)
+
+
+def test_path_lists_and_paths_are_accepted_as_text():
+    cfg = parse_run_config({"train-datasets": [Path("/a"), "/b"], "output-dir": Path("/out")})
+    assert (cfg.train_datasets, cfg.output_dir) == ("/a,/b", "/out")
+
+
+def test_node_config_is_toml(tmp_path):
+    dataset = tmp_path / 'odd "name" \\ here'
+    doc = tomllib.loads(deployment.node_config_toml(dataset, 2))
+    assert doc == {"dataset-path": str(dataset.resolve()), "partition-id": 2}
+    assert tomllib.loads(deployment.node_config_toml(dataset)) == {"dataset-path": str(dataset.resolve())}
 
 
 def _dataset(root: Path) -> Path:

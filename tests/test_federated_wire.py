@@ -120,7 +120,9 @@ def test_float32_strategy_averages_weights_by_examples(request_message):
 
 def test_fedprox_strategy_sends_mu():
     strategy = make_strategy(
-        parse_run_config({"strategy": "fedprox", "proximal-mu": 0.3}), lambda *a: None, num_nodes=3
+        parse_run_config({"strategy": "fedprox", "proximal-mu": 0.3, "min-available-clients": 2}),
+        lambda *a: None,
+        num_nodes=3,
     )
     assert strategy.proximal_mu == 0.3
     assert strategy.min_available_nodes == 2 and strategy.min_train_nodes == 2

@@ -8,7 +8,6 @@ Needs offscreen OpenGL (Mesa, ``make system-deps``): skipped when missing, faile
 from __future__ import annotations
 
 import json
-import os
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,11 +16,12 @@ import dagster as dg
 import pytest
 import yaml
 
+from zk0_pipelines import env_settings
 from zk0_pipelines.datasets.sim_env import SimLab, simulator_unavailable
 
 _reason = simulator_unavailable()
 if _reason:
-    if os.environ.get("ZK0_REQUIRE_SIMULATOR"):  # CI installs Mesa: missing there is a failure, not a skip
+    if env_settings.REQUIRE_SIMULATOR.flag():  # CI installs Mesa: missing there is a failure, not a skip
         pytest.fail(_reason, pytrace=False)
     pytest.skip(_reason, allow_module_level=True)
 

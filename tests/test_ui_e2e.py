@@ -40,6 +40,8 @@ from _fixtures_ui import (
     wait_for,
 )
 
+from zk0_pipelines import env_settings
+
 pytestmark = pytest.mark.e2e
 
 ARTIFACTS = CHECKOUT / "test-artifacts"
@@ -53,7 +55,7 @@ INGEST_TIMEOUT_S = 600
 
 if not Path(CHROMIUM).exists():
     _reason = f"Debian's chromium is not installed at {CHROMIUM} (apt-get install -y chromium)"
-    if os.environ.get("ZK0_REQUIRE_BROWSER"):  # CI installs it: missing there is a failure, not a skip
+    if env_settings.REQUIRE_BROWSER.flag():  # CI installs it: missing there is a failure, not a skip
         pytest.fail(_reason, pytrace=False)
     pytest.skip(_reason, allow_module_level=True)
 

@@ -1,4 +1,4 @@
-"""``zk0`` command line: the demo lineage, the Dagster UI and the MLflow UI."""
+"""``zk0`` command line: the demo lineage, the Dagster UI and the MLflow UI, configuration tables."""
 
 from __future__ import annotations
 
@@ -8,22 +8,22 @@ import sys
 import time
 from pathlib import Path
 
-from zk0_pipelines import settings
+from zk0_pipelines import env_settings, settings
 
 
 def _use_postgres() -> None:
     """``ZK0_STORAGE=postgres``: start the checkout's PostgreSQL (unless URLs are given) and point Dagster
     (``dagster_home/postgres``) and MLflow at it."""
-    if os.environ.get("ZK0_STORAGE", "sqlite") != "postgres":
+    if env_settings.STORAGE.text() != "postgres":
         return
     os.environ.setdefault("DAGSTER_HOME", str(settings.repo_root() / "dagster_home" / "postgres"))
-    if os.environ.get("ZK0_DAGSTER_PG_URL") and os.environ.get("MLFLOW_TRACKING_URI"):
+    if env_settings.DAGSTER_PG_URL.raw() and os.environ.get("MLFLOW_TRACKING_URI"):
         return
     from zk0_pipelines.postgres import default_server
 
     server = default_server()
     server.start()
-    os.environ.setdefault("ZK0_DAGSTER_PG_URL", server.create_database("dagster"))
+    os.environ.setdefault(env_settings.DAGSTER_PG_URL.name, server.create_database("dagster"))
     os.environ.setdefault("MLFLOW_TRACKING_URI", server.create_database("mlflow"))
 
 
@@ -162,6 +162,30 @@ def run_serve(args: argparse.Namespace) -> int:
     return 0
 
 
+def run_config_command(args: argparse.Namespace) -> int:
+    """``zk0 config``: print the run-config keys (or ``ZK0_*`` settings, or the Flower app table), or
+    rewrite / check the committed tables generated from them."""
+    from zk0_pipelines import config_tables
+    from zk0_pipelines.federated.run_config import pyproject_app_config
+
+    if args.write:
+        changed = config_tables.write_generated(settings.REPO_ROOT)
+        print(f"zk0 config: rewrote {', '.join(changed)}" if changed else "zk0 config: up to date")
+        return 0
+    if args.check:
+        stale = config_tables.stale_files(settings.REPO_ROOT)
+        if stale:
+            print(f"zk0 config: {', '.join(stale)} differ from the code; run `zk0 config --write`")
+        return 1 if stale else 0
+    if args.env:
+        print(env_settings.render_table(), end="")
+    elif args.pyproject:
+        print(pyproject_app_config(), end="")
+    else:
+        print(config_tables.run_config_table(), end="")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``zk0`` console script."""
     parser = argparse.ArgumentParser(prog="zk0", description=__doc__)
@@ -188,7 +212,17 @@ def main(argv: list[str] | None = None) -> int:
     srv.add_argument("--host", default="127.0.0.1", help="bind address (insecure protocol: keep loopback)")
     srv.add_argument("--port", type=int, default=8080)
     srv.add_argument("--device", default="cpu")
+    conf = sub.add_parser("config", help="run-config keys, defaults and meaning (also ZK0_* settings)")
+    shown = conf.add_mutually_exclusive_group()
+    shown.add_argument("--env", action="store_true", help="list the ZK0_* environment settings")
+    shown.add_argument("--pyproject", action="store_true", help="print the [tool.flwr.app.config] table")
+    shown.add_argument(
+        "--write", action="store_true", help="rewrite pyproject.toml's app config and the README tables"
+    )
+    shown.add_argument("--check", action="store_true", help="exit 1 when those differ from the code")
     args = parser.parse_args(argv)
+    if args.command == "config":
+        return run_config_command(args)
     if args.command == "validate":
         return run_validate_command(args)
     if args.command == "serve":

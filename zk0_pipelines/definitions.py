@@ -12,7 +12,7 @@ from typing import Any
 
 import dagster as dg
 
-from zk0_pipelines import settings
+from zk0_pipelines import env_settings, settings
 from zk0_pipelines.defs import (
     ingest_assets,
     release_assets,
@@ -44,7 +44,7 @@ settings.configure_local_env()
 
 def build_resources(deployment: str | None = None) -> dict[str, Any]:
     """Resources for a deployment name (``offline`` or ``production``)."""
-    deployment = deployment or os.environ.get("ZK0_DEPLOYMENT", "offline")
+    deployment = deployment or env_settings.DEPLOYMENT.text()
     mlflow = MlflowResource(tracking_uri=os.environ.get("MLFLOW_TRACKING_URI") or None)
     # Asset values (small dicts of paths and metrics) persist in the instance's storage folder, so a
     # job can read what an earlier run materialised (release after training, UI re-executions).
@@ -53,17 +53,15 @@ def build_resources(deployment: str | None = None) -> dict[str, Any]:
         "mlflow": mlflow,
         "io_manager": io_manager,
         "dataset_discovery": DatasetDiscoveryResource(
-            drop_folder=os.environ.get("ZK0_DROP_FOLDER", ".zk0/drop"),
-            hub_search=os.environ.get("ZK0_HUB_SEARCH") or None,
+            drop_folder=env_settings.DROP_FOLDER.text(),
+            hub_search=env_settings.HUB_SEARCH.raw(),
         ),
-        "training_trigger": TrainingTriggerResource(
-            nightly_force=os.environ.get("ZK0_NIGHTLY_FORCE", "").lower() in ("1", "true", "yes")
-        ),
+        "training_trigger": TrainingTriggerResource(nightly_force=env_settings.NIGHTLY_FORCE.flag()),
     }
     if deployment == "offline":
         return {
             "dataset_registry": DatasetRegistryResource(
-                registry_path=os.environ.get("ZK0_DATASET_REGISTRY", "configs/datasets.demo.yaml")
+                registry_path=env_settings.DATASET_REGISTRY.raw() or "configs/datasets.demo.yaml"
             ),
             "dvc": DvcResource(),
             "policy": PolicyResource(source="tiny"),
@@ -73,15 +71,15 @@ def build_resources(deployment: str | None = None) -> dict[str, Any]:
     if deployment == "production":
         return {
             "dataset_registry": DatasetRegistryResource(
-                registry_path=os.environ.get("ZK0_DATASET_REGISTRY", "configs/datasets.so100.yaml")
+                registry_path=env_settings.DATASET_REGISTRY.raw() or "configs/datasets.so100.yaml"
             ),
-            "dvc": DvcResource(remote_url=os.environ.get("ZK0_DVC_REMOTE") or None),
+            "dvc": DvcResource(remote_url=env_settings.DVC_REMOTE.raw()),
             "policy": PolicyResource(
                 source="pretrained",
                 pretrained_path="lerobot/smolvla_base",
-                revision=os.environ.get("ZK0_SMOLVLA_REVISION") or None,
+                revision=env_settings.SMOLVLA_REVISION.raw(),
             ),
-            "hub": HfHubPublisherResource(repo_id=os.environ.get("ZK0_HUB_REPO_ID") or None),
+            "hub": HfHubPublisherResource(repo_id=env_settings.HUB_REPO_ID.raw()),
             **shared,
         }
     raise ValueError(f"ZK0_DEPLOYMENT must be 'offline' or 'production', got {deployment!r}")

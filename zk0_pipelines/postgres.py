@@ -23,9 +23,9 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from zk0_pipelines import settings
+from zk0_pipelines import env_settings, settings
 
-DEFAULT_PORT = 55432
+DEFAULT_PORT = int(env_settings.PG_PORT.default or 0)
 SERVER_USER = "postgres"
 
 
@@ -35,7 +35,7 @@ class PostgresUnavailable(RuntimeError):
 
 def bin_dir() -> Path:
     """The newest ``/usr/lib/postgresql/<ver>/bin`` with ``initdb`` and ``pg_ctl`` (or ``ZK0_PG_BIN``)."""
-    given = os.environ.get("ZK0_PG_BIN")
+    given = env_settings.PG_BIN.raw()
     candidates = [Path(given)] if given else []
     root = Path("/usr/lib/postgresql")
     if root.is_dir():
@@ -167,7 +167,7 @@ class LocalPostgres:
 
 def default_server() -> LocalPostgres:
     """The checkout's server: ``.zk0/postgres`` on ``ZK0_PG_PORT`` (default 55432)."""
-    return LocalPostgres(settings.state_dir() / "postgres", int(os.environ.get("ZK0_PG_PORT", DEFAULT_PORT)))
+    return LocalPostgres(settings.state_dir() / "postgres", env_settings.PG_PORT.integer())
 
 
 def main(argv: list[str] | None = None) -> int:

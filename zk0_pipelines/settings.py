@@ -12,12 +12,14 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+from zk0_pipelines import env_settings
+
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
 
 def repo_root() -> Path:
     """Return the project root (overridable with ``ZK0_ROOT`` for tests and reproduction workspaces)."""
-    return Path(os.environ.get("ZK0_ROOT", REPO_ROOT)).resolve()
+    return Path(env_settings.ROOT.text() or REPO_ROOT).resolve()
 
 
 def state_dir() -> Path:

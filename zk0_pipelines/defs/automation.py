@@ -1,10 +1,10 @@
 """Automation: discover new SO-100 datasets, re-train when the validated set changes, nightly runs."""
 
 import json
-import os
 
 import dagster as dg
 
+from zk0_pipelines import env_settings
 from zk0_pipelines.datasets.admission import admitted_datasets, data_fingerprint
 from zk0_pipelines.defs.jobs import federated_training, ingest_datasets
 from zk0_pipelines.defs.partitions import SO100_DATASETS
@@ -122,7 +122,7 @@ def validated_datasets_changed(context: dg.SensorEvaluationContext) -> dg.RunReq
 @dg.schedule(
     job=federated_training,
     cron_schedule="0 2 * * *",
-    execution_timezone=os.environ.get("ZK0_NIGHTLY_TIMEZONE", "UTC"),
+    execution_timezone=env_settings.NIGHTLY_TIMEZONE.text(),
     default_status=dg.DefaultScheduleStatus.STOPPED,
     description="Nightly federated run; skipped when nothing changed since the last successful run.",
 )

@@ -7,7 +7,6 @@ from typing import Any
 
 import dagster as dg
 import pandas as pd
-from pydantic import Field
 
 from zk0_pipelines import settings
 from zk0_pipelines.datasets.admission import admitted_datasets, data_fingerprint
@@ -18,6 +17,7 @@ from zk0_pipelines.defs.resources import (
     MlflowResource,
     PolicyResource,
 )
+from zk0_pipelines.defs.training_config import FederatedTrainingConfig
 from zk0_pipelines.federated.launcher import run_federated
 from zk0_pipelines.tracking.lineage import config_hash
 from zk0_pipelines.tracking.promotion import promotion_metric
@@ -30,51 +30,6 @@ from zk0_pipelines.tracking.round_metrics import (
     summarize_server_eval,
 )
 from zk0_pipelines.tracking.round_plots import plot_round_metrics
-
-
-class FederatedTrainingConfig(dg.Config):
-    """Run knobs of a federated training run (the Launchpad defaults are the offline demo's)."""
-
-    num_server_rounds: int = 2
-    strategy: str = "fedavg"
-    proximal_mu: float = 0.0
-    local_steps: int = 2
-    batch_size: int = 2
-    learning_rate: float = 1e-4
-    lr_schedule: str = "constant"
-    seed: int = 0
-    min_available_clients: int = 1
-    min_replies: int = 0
-    max_update_norm_ratio: float = 10.0
-    eval_every: int = 1
-    chunk_size: int = 10
-    wire_dtype: str = "float32"
-    dp: str = Field(
-        default="none",
-        description=(
-            "central differential privacy: 'none', 'central-client-clip' (clients clip their update) or "
-            "'central-server-clip' (the server clips each update); Gaussian noise on the aggregate"
-        ),
-    )
-    dp_noise_multiplier: float = 1.0
-    dp_clipping_norm: float = 1.0
-    dp_delta: float = 1e-5
-    dp_target_epsilon: float = Field(default=0.0, description="stop before ε exceeds this; 0 = no target")
-    lora_rank: int = Field(
-        default=0, description="> 0: train and send only rank-r LoRA adapters of SmolVLA's action expert"
-    )
-    federation: str = Field(
-        default="simulation",
-        description=(
-            "Flower runtime: 'simulation' (one process, Ray) or 'local-deployment' (a TLS, "
-            "node-authenticated SuperLink and one SuperNode process per training dataset on 127.0.0.1)"
-        ),
-    )
-
-    def run_config(self) -> dict[str, Any]:
-        """The Flower run config (kebab-case keys) this config stands for (not the runtime choice)."""
-        values = self.model_dump(exclude={"federation"})
-        return {key.replace("_", "-"): value for key, value in values.items()}
 
 
 @dg.asset(

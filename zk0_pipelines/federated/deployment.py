@@ -40,6 +40,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import tomli_w
+
 from zk0_pipelines.federated.app_folder import write_app
 from zk0_pipelines.federated.launch_records import FederatedRunError, free_port, stop_tree, tool_path
 from zk0_pipelines.federated.pki import DEFAULT_TLS_HOSTS, NodeKeys, write_node_keys, write_tls_files
@@ -62,11 +64,10 @@ class SuperNodeProcess:
 
 def node_config_toml(dataset: Path, partition_id: int | None = None) -> str:
     """The SuperNode's node config file: its own dataset folder (and optionally its partition id)."""
-    text = str(Path(dataset).resolve()).replace("\\", "\\\\").replace('"', '\\"')
-    lines = [f'dataset-path = "{text}"']
+    values: dict[str, str | int] = {"dataset-path": str(Path(dataset).resolve())}
     if partition_id is not None:
-        lines.append(f"partition-id = {int(partition_id)}")
-    return "\n".join(lines) + "\n"
+        values["partition-id"] = int(partition_id)
+    return tomli_w.dumps(values)
 
 
 def _json_tail(out: str) -> Any:

@@ -24,9 +24,11 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from zk0_pipelines import env_settings
+
 log = logging.getLogger(__name__)
 
-LAUNCH_ENV = "ZK0_LAUNCH_ID"
+LAUNCH_ENV = env_settings.LAUNCH_ID.name
 LAUNCH_RECORD = "launch-{}.json"
 
 

@@ -105,7 +105,7 @@ def run_federated(
     node-authenticated SuperLink and one ``flower-supernode`` process per training dataset, each given only
     its own dataset path (``deployment.LocalDeployment``); the run folder has the same layout.
 
-    ``config`` holds run-config keys (see ``run_config.FIELDS``) except ``train-datasets``,
+    ``config`` holds run-config keys (see ``run_config.RunConfig``) except ``train-datasets``,
     ``eval-datasets`` and ``output-dir``, which come from the arguments. Everything the server writes
     (checkpoints, metrics.json, final/) and the logs land in ``run_dir``. Processes left running by an earlier
     launch in ``run_dir`` that was killed (even with SIGKILL) are stopped first (module doc); with

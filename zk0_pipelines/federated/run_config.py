@@ -1,174 +1,194 @@
 """The typed, validated run configuration of the federated app (Flower run config, kebab-case keys).
 
-One table (``FIELDS``) defines every key, its type, default and constraint. The same parser runs in the
-launcher (before anything starts), at ServerApp start and in every ClientApp, so an unknown key or a bad
-value fails with a ``ValueError`` that names the key before any round runs.
+``RunConfig`` (a frozen pydantic model) defines every key: its type, default, constraint and meaning; the
+attribute is the key in snake_case. The same parser runs in the launcher (before anything starts), at
+ServerApp start and in every ClientApp, so an unknown key or a bad value fails with a ``ValueError`` that
+names the key before any round runs.
 
-The defaults here are the single source of truth; ``pyproject_app_config()`` renders them as the
-``[tool.flwr.app.config]`` table (the project's pyproject.toml mirrors it for ``flwr run`` from the repo).
+Everything else is derived from it: the Dagster Launchpad config (``defs/training_config.py``), the
+``[tool.flwr.app.config]`` table (``pyproject_app_config``), the README's key table and ``zk0 config``.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+import typing
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any, Literal
 
-STRATEGIES = ("fedavg", "fedprox")
-POLICY_SOURCES = ("tiny", "pretrained")
-WIRE_DTYPES = ("float32", "bfloat16")
-DEVICES = ("cpu", "cuda", "mps")
-LR_SCHEDULES = ("constant", "cosine", "step")
-MU_SCHEDULES = ("constant", "linear", "step")
-DP_MODES = ("none", "central-client-clip", "central-server-clip")
-
-
-@dataclass(frozen=True)
-class Field:
-    """One run-config key: Python attribute, type, default, and a check returning an error text or None."""
-
-    key: str
-    attr: str
-    kind: type
-    default: Any
-    check: Callable[[Any], str | None] | None = None
-    help: str = ""
+import tomli_w
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    StrictBool,
+    ValidationError,
+    model_validator,
+)
 
 
-def _at_least(low: float) -> Callable[[Any], str | None]:
-    return lambda v: None if v >= low else f"must be >= {low}"
+def kebab(name: str) -> str:
+    """A Python attribute name as its run-config key (``local_steps`` → ``local-steps``)."""
+    return name.replace("_", "-")
 
 
-def _greater(low: float) -> Callable[[Any], str | None]:
-    return lambda v: None if v > low else f"must be > {low}"
+def _integral(value: Any) -> Any:
+    """Ints as they are; integral floats (Flower's TOML/CLI may give ``2.0``) as ints; never a bool."""
+    if isinstance(value, bool):
+        raise ValueError("must be an integer, not a boolean")
+    if isinstance(value, float):
+        if not value.is_integer():
+            raise ValueError("must be an integer")
+        return int(value)
+    return value
 
 
-def _unit_interval(open_low: bool) -> Callable[[Any], str | None]:
-    def check(v: float) -> str | None:
-        ok = (0.0 < v <= 1.0) if open_low else (0.0 <= v <= 1.0)
-        return None if ok else f"must be in {'(0, 1]' if open_low else '[0, 1]'}"
-
-    return check
+def _as_text(value: Any) -> Any:
+    """A path given for a text key, as its string."""
+    return str(value) if isinstance(value, Path) else value
 
 
-def _one_of(choices: tuple[str, ...]) -> Callable[[Any], str | None]:
-    return lambda v: None if v in choices else f"must be one of {', '.join(choices)}"
+def _path_list(value: Any) -> Any:
+    """A list of paths, as the comma-separated string the run config carries."""
+    if isinstance(value, list | tuple):
+        return ",".join(str(v) for v in value)
+    return _as_text(value)
 
 
-def _paths(v: str) -> str | None:
-    return None if all(part.strip() for part in v.split(",")) or not v.strip() else "has an empty path entry"
+def _no_empty_entry(value: str) -> str:
+    if value.strip() and not all(part.strip() for part in value.split(",")):
+        raise ValueError("has an empty path entry")
+    return value
 
 
-def _faults(v: str) -> str | None:
+def _valid_faults(value: str) -> str:
     from zk0_pipelines.federated.faults import parse_faults
 
-    try:
-        parse_faults(v)
-    except ValueError as exc:
-        return str(exc)
-    return None
+    parse_faults(value)  # ValueError naming the bad entry
+    return value
 
 
-FIELDS: tuple[Field, ...] = (
-    Field("num-server-rounds", "num_server_rounds", int, 2, _at_least(1), "federated rounds"),
-    Field("strategy", "strategy", str, "fedavg", _one_of(STRATEGIES), "server strategy"),
-    Field("proximal-mu", "proximal_mu", float, 0.0, _at_least(0.0), "FedProx mu (fedprox only)"),
-    Field(
-        "mu-schedule", "mu_schedule", str, "constant", _one_of(MU_SCHEDULES), "server FedProx mu per round"
-    ),
-    Field("mu-final", "mu_final", float, 0.0, _at_least(0.0), "linear: mu reached in the last round"),
-    Field("mu-step-rounds", "mu_step_rounds", int, 1, _at_least(1), "step: rounds between mu changes"),
-    Field("mu-step-factor", "mu_step_factor", float, 0.5, _greater(0.0), "step: mu multiplier"),
-    Field("local-steps", "local_steps", int, 4, _at_least(1), "optimizer steps per client and round"),
-    Field("batch-size", "batch_size", int, 2, _at_least(1), "client batch size (also server eval)"),
-    Field("learning-rate", "learning_rate", float, 1e-4, _greater(0.0), "base client AdamW learning rate"),
-    Field("lr-schedule", "lr_schedule", str, "constant", _one_of(LR_SCHEDULES), "server LR per round"),
-    Field("lr-min", "lr_min", float, 0.0, _at_least(0.0), "cosine: LR approached in the last round"),
-    Field("lr-step-rounds", "lr_step_rounds", int, 1, _at_least(1), "step: rounds between LR decays"),
-    Field("lr-step-gamma", "lr_step_gamma", float, 0.5, _unit_interval(True), "step: LR decay factor"),
-    Field("weight-decay", "weight_decay", float, 1e-10, _at_least(0.0), "client AdamW weight decay"),
-    Field("grad-clip-norm", "grad_clip_norm", float, 10.0, _at_least(0.0), "0 disables clipping"),
-    Field("seed", "seed", int, 0, _at_least(0), "policy init, sampling, flow-matching noise"),
-    Field("min-available-clients", "min_available_clients", int, 2, _at_least(1), "nodes needed to start"),
-    Field("min-replies", "min_replies", int, 0, _at_least(0), "accepted replies/round; 0 = min-avail."),
-    Field("max-update-norm-ratio", "max_update_norm_ratio", float, 10.0, _at_least(0.0), "0 disables"),
-    Field("fraction-train", "fraction_train", float, 1.0, _unit_interval(True), "clients sampled per round"),
-    Field("fraction-evaluate", "fraction_evaluate", float, 0.0, _unit_interval(False), "client-side eval"),
-    Field("eval-every", "eval_every", int, 1, _at_least(0), "server eval period in rounds; 0 = never"),
-    Field("eval-max-batches", "eval_max_batches", int, 0, _at_least(0), "per eval dataset; 0 = all"),
-    Field("train-datasets", "train_datasets", str, "", _paths, "comma-separated client dataset roots"),
-    Field("eval-datasets", "eval_datasets", str, "", _paths, "comma-separated server eval dataset roots"),
-    Field("output-dir", "output_dir", str, "", None, "checkpoints + metrics.json; empty = runs dir"),
-    Field("policy-source", "policy_source", str, "tiny", _one_of(POLICY_SOURCES), "tiny | pretrained"),
-    Field("pretrained-path", "pretrained_path", str, "lerobot/smolvla_base", None, "pretrained only"),
-    Field("pretrained-revision", "pretrained_revision", str, "", None, "pinned revision; empty = unpinned"),
-    Field("chunk-size", "chunk_size", int, 10, _at_least(1), "action chunk length"),
-    Field("device", "device", str, "cpu", _one_of(DEVICES), "torch device of clients and server"),
-    Field("wire-dtype", "wire_dtype", str, "float32", _one_of(WIRE_DTYPES), "dtype of arrays on the wire"),
-    Field("round-timeout-s", "round_timeout_s", float, 3600.0, _greater(0.0), "wait for client replies"),
-    Field("quorum-timeout-s", "quorum_timeout_s", float, 600.0, _greater(0.0), "wait for the quorum"),
-    Field("resume", "resume", bool, False, None, "continue from the last checkpoint in output-dir"),
-    Field("inject-faults", "inject_faults", str, "", _faults, "TESTS ONLY: kind:partition@round,..."),
-    Field("dp", "dp", str, "none", _one_of(DP_MODES), "central DP: none | client- or server-side clipping"),
-    Field("dp-noise-multiplier", "dp_noise_multiplier", float, 1.0, _greater(0.0), "sigma (noise / clip)"),
-    Field("dp-clipping-norm", "dp_clipping_norm", float, 1.0, _greater(0.0), "L2 clip of each update"),
-    Field("dp-delta", "dp_delta", float, 1e-5, _unit_interval(True), "delta of the reported (eps, delta)"),
-    Field("dp-target-epsilon", "dp_target_epsilon", float, 0.0, _at_least(0.0), "stop before; 0 = none"),
-    Field("lora-rank", "lora_rank", int, 0, _at_least(0), "> 0: train/send only LoRA adapters"),
-)
-KEYS: tuple[str, ...] = tuple(f.key for f in FIELDS)
-_BY_KEY = {f.key: f for f in FIELDS}
+Int = Annotated[int, BeforeValidator(_integral)]
+Text = Annotated[str, BeforeValidator(_as_text)]
+Paths = Annotated[str, BeforeValidator(_path_list), AfterValidator(_no_empty_entry)]
+Faults = Annotated[str, AfterValidator(_valid_faults)]
+
+#: Keys the Dagster lineage fills (dataset snapshot, run folder, policy resource); not on the Launchpad.
+LINEAGE_FILLED = "filled by the Dagster lineage"
 
 
-@dataclass(frozen=True)
-class RunConfig:
-    """Validated run configuration; build it with :func:`parse_run_config` (attribute = key in snake_case)."""
+class RunConfig(BaseModel):
+    """Validated run configuration; build it from kebab-case keys with :func:`parse_run_config`."""
 
-    num_server_rounds: int
-    strategy: str
-    proximal_mu: float
-    mu_schedule: str
-    mu_final: float
-    mu_step_rounds: int
-    mu_step_factor: float
-    local_steps: int
-    batch_size: int
-    learning_rate: float
-    lr_schedule: str
-    lr_min: float
-    lr_step_rounds: int
-    lr_step_gamma: float
-    weight_decay: float
-    grad_clip_norm: float
-    seed: int
-    min_available_clients: int
-    min_replies: int
-    max_update_norm_ratio: float
-    fraction_train: float
-    fraction_evaluate: float
-    eval_every: int
-    eval_max_batches: int
-    train_datasets: str
-    eval_datasets: str
-    output_dir: str
-    policy_source: str
-    pretrained_path: str
-    pretrained_revision: str
-    chunk_size: int
-    device: str
-    wire_dtype: str
-    round_timeout_s: float
-    quorum_timeout_s: float
-    resume: bool
-    inject_faults: str
-    dp: str
-    dp_noise_multiplier: float
-    dp_clipping_norm: float
-    dp_delta: float
-    dp_target_epsilon: float
-    lora_rank: int
+    model_config = ConfigDict(
+        extra="forbid",
+        frozen=True,
+        strict=True,
+        alias_generator=kebab,
+        populate_by_name=True,
+    )
+
+    num_server_rounds: Int = Field(2, ge=1, description="federated rounds")
+    strategy: Literal["fedavg", "fedprox"] = Field("fedavg", description="server strategy")
+    proximal_mu: float = Field(0.0, ge=0.0, description="FedProx mu (fedprox only)")
+    mu_schedule: Literal["constant", "linear", "step"] = Field(
+        "constant", description="server FedProx mu per round"
+    )
+    mu_final: float = Field(0.0, ge=0.0, description="linear: mu reached in the last round")
+    mu_step_rounds: Int = Field(1, ge=1, description="step: rounds between mu changes")
+    mu_step_factor: float = Field(0.5, gt=0.0, description="step: mu multiplier")
+    local_steps: Int = Field(2, ge=1, description="optimizer steps per client and round")
+    batch_size: Int = Field(2, ge=1, description="client batch size (also server eval)")
+    learning_rate: float = Field(1e-4, gt=0.0, description="base client AdamW learning rate")
+    lr_schedule: Literal["constant", "cosine", "step"] = Field("constant", description="server LR per round")
+    lr_min: float = Field(0.0, ge=0.0, description="cosine: LR approached in the last round")
+    lr_step_rounds: Int = Field(1, ge=1, description="step: rounds between LR decays")
+    lr_step_gamma: float = Field(0.5, gt=0.0, le=1.0, description="step: LR decay factor")
+    weight_decay: float = Field(1e-10, ge=0.0, description="client AdamW weight decay")
+    grad_clip_norm: float = Field(10.0, ge=0.0, description="gradient clipping norm; 0 disables")
+    seed: Int = Field(0, ge=0, description="policy init, sampling, flow-matching noise")
+    min_available_clients: Int = Field(1, ge=1, description="nodes needed to start")
+    min_replies: Int = Field(0, ge=0, description="accepted replies per round; 0 = min-available-clients")
+    max_update_norm_ratio: float = Field(
+        10.0,
+        ge=0.0,
+        description="refuse an update whose norm exceeds this multiple of the others' median; 0 disables",
+    )
+    fraction_train: float = Field(1.0, gt=0.0, le=1.0, description="share of clients sampled per round")
+    fraction_evaluate: float = Field(0.0, ge=0.0, le=1.0, description="share of clients evaluating")
+    eval_every: Int = Field(1, ge=0, description="server eval period in rounds; 0 = never")
+    eval_max_batches: Int = Field(0, ge=0, description="eval batches per eval dataset; 0 = all")
+    train_datasets: Paths = Field("", description=f"comma-separated client dataset roots ({LINEAGE_FILLED})")
+    eval_datasets: Paths = Field(
+        "", description=f"comma-separated server eval dataset roots ({LINEAGE_FILLED})"
+    )
+    output_dir: Text = Field(
+        "", description=f"checkpoints + metrics.json; empty = runs dir ({LINEAGE_FILLED})"
+    )
+    policy_source: Literal["tiny", "pretrained"] = Field(
+        "tiny", description=f"tiny offline SmolVLA or a pretrained one ({LINEAGE_FILLED}: policy resource)"
+    )
+    pretrained_path: Text = Field(
+        "lerobot/smolvla_base", description=f"pretrained only ({LINEAGE_FILLED}: policy resource)"
+    )
+    pretrained_revision: Text = Field(
+        "", description=f"pinned revision; empty = unpinned ({LINEAGE_FILLED}: policy resource)"
+    )
+    chunk_size: Int = Field(10, ge=1, description="action chunk length")
+    device: Literal["cpu", "cuda", "mps"] = Field("cpu", description="torch device of clients and server")
+    wire_dtype: Literal["float32", "bfloat16"] = Field("float32", description="dtype of arrays on the wire")
+    round_timeout_s: float = Field(3600.0, gt=0.0, description="seconds to wait for client replies")
+    quorum_timeout_s: float = Field(600.0, gt=0.0, description="seconds to wait for the quorum")
+    resume: StrictBool = Field(
+        False, description=f"continue from the last checkpoint in output-dir ({LINEAGE_FILLED}: run folder)"
+    )
+    inject_faults: Faults = Field("", description="TESTS ONLY: kind:partition@round,...")
+    dp: Literal["none", "central-client-clip", "central-server-clip"] = Field(
+        "none", description="central DP: none, or clipping on the client or the server side"
+    )
+    dp_noise_multiplier: float = Field(1.0, gt=0.0, description="DP noise multiplier sigma (noise / clip)")
+    dp_clipping_norm: float = Field(1.0, gt=0.0, description="DP: L2 clip of each update")
+    dp_delta: float = Field(1e-5, gt=0.0, le=1.0, description="delta of the reported (epsilon, delta)")
+    dp_target_epsilon: float = Field(
+        0.0, ge=0.0, description="DP: stop before epsilon exceeds this; 0 = no target"
+    )
+    lora_rank: Int = Field(0, ge=0, description="> 0: train and send only rank-r LoRA adapters")
+
+    @model_validator(mode="after")
+    def _cross_field_rules(self) -> RunConfig:
+        if self.strategy == "fedavg" and self.proximal_mu != 0.0:
+            raise ValueError(
+                f"run config key 'proximal-mu' is {self.proximal_mu} but strategy is 'fedavg'; "
+                "set strategy = 'fedprox' or proximal-mu = 0"
+            )
+        if self.strategy == "fedprox" and self.proximal_mu == 0.0:
+            raise ValueError(
+                "run config key 'proximal-mu' must be > 0 with strategy 'fedprox' (0 equals FedAvg)"
+            )
+        if self.mu_schedule != "constant" and self.strategy != "fedprox":
+            raise ValueError(
+                f"run config key 'mu-schedule' is '{self.mu_schedule}' but strategy is '{self.strategy}' "
+                "(a proximal-mu schedule needs strategy = 'fedprox')"
+            )
+        if self.lr_schedule == "cosine" and self.lr_min >= self.learning_rate:
+            raise ValueError(
+                f"run config key 'lr-min' ({self.lr_min}) must be < 'learning-rate' ({self.learning_rate}) "
+                "with lr-schedule 'cosine'"
+            )
+        if self.dp != "none" and self.wire_dtype != "float32":
+            raise ValueError(
+                f"run config key 'wire-dtype' is '{self.wire_dtype}' but dp is '{self.dp}': central DP "
+                "clips and noises float32 weights (Flower's clipping works on numpy arrays, which have no "
+                "bfloat16)"
+            )
+        if self.dp != "none" and self.dp_delta >= 1.0:
+            raise ValueError(
+                f"run config key 'dp-delta' must be < 1 with dp '{self.dp}', got {self.dp_delta}"
+            )
+        return self
 
     @property
     def train_paths(self) -> list[Path]:
@@ -182,7 +202,7 @@ class RunConfig:
 
     def to_dict(self) -> dict[str, Any]:
         """Kebab-case dict (a Flower ``UserConfig``), every key present."""
-        return {f.key: getattr(self, f.attr) for f in FIELDS}
+        return self.model_dump(by_alias=True)
 
     def policy_spec(self):
         """The ``PolicySpec`` every participant builds (same spec ⇒ identical frozen weights)."""
@@ -246,84 +266,77 @@ class RunConfig:
         )
 
 
+KEYS: tuple[str, ...] = tuple(kebab(name) for name in RunConfig.model_fields)
+
+
+_BOUNDS = (("ge", ">="), ("gt", ">"), ("le", "<="))
+
+
+def describe(name: str) -> str:
+    """The description of field ``name`` (snake_case) with its choices or bounds."""
+    field = RunConfig.model_fields[name]
+    notes = []
+    if typing.get_origin(field.annotation) is Literal:
+        notes.append("one of " + ", ".join(map(str, typing.get_args(field.annotation))))
+    for meta in field.metadata:
+        notes += [
+            f"{sign} {getattr(meta, attr)}" for attr, sign in _BOUNDS if getattr(meta, attr, None) is not None
+        ]
+    return f"{field.description} ({'; '.join(notes)})" if notes else str(field.description)
+
+
 def split_paths(value: str) -> list[Path]:
     """Split a comma-separated list of paths (empty string → empty list)."""
     return [Path(part.strip()) for part in value.split(",") if part.strip()]
 
 
-def _coerce(field: Field, value: Any) -> Any:
-    kind = field.kind
-    if kind is bool:
-        if isinstance(value, bool):
-            return value
-        raise ValueError(f"run config key '{field.key}' must be a boolean, got {value!r}")
-    if isinstance(value, bool):
-        raise ValueError(f"run config key '{field.key}' must be {kind.__name__}, got boolean {value!r}")
-    if kind is int:
-        if isinstance(value, int):
-            return value
-        if isinstance(value, float) and value.is_integer():
-            return int(value)
-        raise ValueError(f"run config key '{field.key}' must be an integer, got {value!r}")
-    if kind is float:
-        if isinstance(value, int | float):
-            return float(value)
-        raise ValueError(f"run config key '{field.key}' must be a number, got {value!r}")
-    if isinstance(value, str):
-        return value
-    if field.key in ("train-datasets", "eval-datasets") and isinstance(value, list | tuple):
-        return ",".join(str(v) for v in value)
-    if isinstance(value, Path):
-        return str(value)
-    raise ValueError(f"run config key '{field.key}' must be a string, got {value!r}")
+_TYPE_ERRORS = {
+    "int_type": "must be an integer",
+    "float_type": "must be a number",
+    "string_type": "must be a string",
+    "bool_type": "must be a boolean",
+}
+_BOUND_ERRORS = {
+    "greater_than_equal": ("ge", ">="),
+    "greater_than": ("gt", ">"),
+    "less_than_equal": ("le", "<="),
+}
+
+
+def _error_text(error: Mapping[str, Any]) -> str:
+    """One pydantic error as a sentence naming the run-config key."""
+    message = str(error["msg"]).removeprefix("Value error, ")
+    if not error["loc"]:  # a cross-field rule: its message names the keys
+        return message
+    key = kebab(str(error["loc"][0]))
+    if error["type"] == "literal_error":
+        choices = typing.get_args(RunConfig.model_fields[key.replace("-", "_")].annotation)
+        message = f"must be one of {', '.join(choices)}"
+    elif error["type"] in _BOUND_ERRORS:
+        attr, sign = _BOUND_ERRORS[error["type"]]
+        message = f"must be {sign} {error['ctx'][attr]}"
+    elif error["type"] in _TYPE_ERRORS:
+        message = _TYPE_ERRORS[error["type"]]
+    elif not message.startswith(("must", "has")):
+        message = f"is invalid: {message}"
+    return f"run config key '{key}' {message}, got {error['input']!r}"
 
 
 def parse_run_config(values: Mapping[str, Any], *, fill_defaults: bool = True) -> RunConfig:
     """Validate ``values`` (kebab-case keys) into a :class:`RunConfig`.
 
     Unknown keys, wrong types and out-of-range values raise ``ValueError`` naming the key. Missing keys take
-    the defaults of ``FIELDS`` (unless ``fill_defaults=False``, then they are errors too).
+    the defaults of ``RunConfig`` (unless ``fill_defaults=False``, then they are errors too).
     """
     unknown = sorted(set(values) - set(KEYS))
     if unknown:
         raise ValueError(f"unknown run config key(s) {unknown}; known keys: {', '.join(KEYS)}")
-    parsed: dict[str, Any] = {}
-    for field in FIELDS:
-        if field.key not in values:
-            if not fill_defaults:
-                raise ValueError(f"run config key '{field.key}' is missing")
-            parsed[field.attr] = field.default
-            continue
-        value = _coerce(field, values[field.key])
-        if field.check is not None and (problem := field.check(value)) is not None:
-            raise ValueError(f"run config key '{field.key}' {problem}, got {value!r}")
-        parsed[field.attr] = value
-    cfg = RunConfig(**parsed)
-    if cfg.strategy == "fedavg" and cfg.proximal_mu != 0.0:
-        raise ValueError(
-            f"run config key 'proximal-mu' is {cfg.proximal_mu} but strategy is 'fedavg'; "
-            "set strategy = 'fedprox' or proximal-mu = 0"
-        )
-    if cfg.strategy == "fedprox" and cfg.proximal_mu == 0.0:
-        raise ValueError("run config key 'proximal-mu' must be > 0 with strategy 'fedprox' (0 equals FedAvg)")
-    if cfg.mu_schedule != "constant" and cfg.strategy != "fedprox":
-        raise ValueError(
-            f"run config key 'mu-schedule' is '{cfg.mu_schedule}' but strategy is '{cfg.strategy}' "
-            "(a proximal-mu schedule needs strategy = 'fedprox')"
-        )
-    if cfg.lr_schedule == "cosine" and cfg.lr_min >= cfg.learning_rate:
-        raise ValueError(
-            f"run config key 'lr-min' ({cfg.lr_min}) must be < 'learning-rate' ({cfg.learning_rate}) "
-            "with lr-schedule 'cosine'"
-        )
-    if cfg.dp != "none" and cfg.wire_dtype != "float32":
-        raise ValueError(
-            f"run config key 'wire-dtype' is '{cfg.wire_dtype}' but dp is '{cfg.dp}': central DP clips and "
-            "noises float32 weights (Flower's clipping works on numpy arrays, which have no bfloat16)"
-        )
-    if cfg.dp != "none" and cfg.dp_delta >= 1.0:
-        raise ValueError(f"run config key 'dp-delta' must be < 1 with dp '{cfg.dp}', got {cfg.dp_delta}")
-    return cfg
+    if not fill_defaults and (missing := [k for k in KEYS if k not in values]):
+        raise ValueError(f"run config key '{missing[0]}' is missing")
+    try:
+        return RunConfig.model_validate(dict(values))
+    except ValidationError as exc:
+        raise ValueError("; ".join(_error_text(e) for e in exc.errors(include_url=False))) from None
 
 
 def replace(cfg: RunConfig, **changes: Any) -> RunConfig:
@@ -335,31 +348,22 @@ def replace(cfg: RunConfig, **changes: Any) -> RunConfig:
 
 def defaults() -> dict[str, Any]:
     """The default values, kebab-case."""
-    return {f.key: f.default for f in FIELDS}
-
-
-def _toml_value(value: Any) -> str:
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, int | float):
-        return repr(value)
-    escaped = str(value).replace("\\", "\\\\").replace('"', '\\"')
-    return f'"{escaped}"'
+    return {kebab(name): field.default for name, field in RunConfig.model_fields.items()}
 
 
 def pyproject_app_config(values: Mapping[str, Any] | None = None) -> str:
     """Render ``[tool.flwr.app.config]`` for ``values`` (validated; defaults fill the rest)."""
     cfg = parse_run_config(values or {})
-    lines = ["[tool.flwr.app.config]"]
-    lines += [f"{key} = {_toml_value(value)}" for key, value in cfg.to_dict().items()]
-    return "\n".join(lines) + "\n"
+    return tomli_w.dumps({"tool": {"flwr": {"app": {"config": cfg.to_dict()}}}})
 
 
 __all__ = [
-    "FIELDS",
     "KEYS",
+    "LINEAGE_FILLED",
     "RunConfig",
     "defaults",
+    "describe",
+    "kebab",
     "parse_run_config",
     "pyproject_app_config",
     "replace",

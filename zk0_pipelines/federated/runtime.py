@@ -9,13 +9,13 @@ never trained, so it stays valid.
 from __future__ import annotations
 
 import json
-import os
 import threading
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from zk0_pipelines import env_settings
 from zk0_pipelines.federated import dataset_view, task
 
 _LOCK = threading.Lock()
@@ -23,7 +23,7 @@ _CACHE: OrderedDict[tuple[str, str], ClientRuntime] = OrderedDict()
 
 
 def _cache_size() -> int:
-    return max(1, int(os.environ.get("ZK0_CLIENT_CACHE_SIZE", "4")))
+    return max(1, env_settings.CLIENT_CACHE_SIZE.integer())
 
 
 @dataclass

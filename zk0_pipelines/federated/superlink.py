@@ -29,6 +29,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+from zk0_pipelines import env_settings
 from zk0_pipelines.federated.launch_records import (
     LAUNCH_ENV,
     LAUNCH_RECORD,
@@ -148,7 +149,7 @@ class SuperLinkProcess:
                 "PATH": f"{venv_bin()}{os.pathsep}{env.get('PATH', '')}",
                 "FLWR_HOME": str(self.flwr_home),
                 "RAY_TMPDIR": str(self.ray_tmp),
-                "ZK0_ROOT": str(repo_root()),
+                env_settings.ROOT.name: str(repo_root()),
                 LAUNCH_ENV: self.launch_id,
                 "FLWR_DISABLE_UPDATE_CHECK": "1",
                 "RAY_USAGE_STATS_ENABLED": "0",

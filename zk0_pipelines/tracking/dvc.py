@@ -26,6 +26,7 @@ from pathlib import Path
 
 import yaml
 
+from zk0_pipelines import env_settings
 from zk0_pipelines.settings import repo_root
 from zk0_pipelines.tracking.secrets import scrub
 
@@ -51,7 +52,7 @@ class DvcError(RuntimeError):
 
 def dvc_executable() -> str:
     """The DVC command: env ``ZK0_DVC``, else ``<repo_root>/.tools/dvc/bin/dvc``, else ``dvc`` on PATH."""
-    env = os.environ.get("ZK0_DVC")
+    env = env_settings.DVC.raw()
     if env:
         return env
     candidates = [repo_root() / ".tools" / "dvc" / "bin" / "dvc"]

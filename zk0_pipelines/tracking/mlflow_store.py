@@ -7,13 +7,13 @@ from __future__ import annotations
 
 import hashlib
 import math
-import os
 import re
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+from zk0_pipelines import env_settings
 from zk0_pipelines.settings import state_dir
 from zk0_pipelines.tracking.secrets import scrub
 
@@ -92,11 +92,9 @@ _BUSY_LOCK = threading.Lock()
 def busy_timeout_seconds(given: float | None = None) -> float:
     """The sqlite busy timeout: ``given``, else env ``ZK0_MLFLOW_BUSY_TIMEOUT_S``, else MLflow's 20 s."""
     if given is None:
-        raw = os.environ.get("ZK0_MLFLOW_BUSY_TIMEOUT_S", "").strip()
-        try:
-            given = float(raw) if raw else DEFAULT_BUSY_TIMEOUT_S
-        except ValueError as exc:
-            raise ValueError(f"ZK0_MLFLOW_BUSY_TIMEOUT_S must be a number of seconds, got {raw!r}") from exc
+        given = env_settings.MLFLOW_BUSY_TIMEOUT_S.number()
+        if given is None:
+            given = DEFAULT_BUSY_TIMEOUT_S
     if not math.isfinite(given) or given < 0:
         raise ValueError(f"sqlite busy timeout must be >= 0 seconds, got {given!r}")
     return float(given)
