@@ -10,8 +10,6 @@ same episodes.
 
 from __future__ import annotations
 
-import hashlib
-import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -63,8 +61,9 @@ class SimulationSpec:
 
     def fingerprint(self) -> str:
         """Short stable hash of the spec."""
-        payload = json.dumps(self.to_dict(), sort_keys=True, separators=(",", ":"))
-        return hashlib.sha256(payload.encode()).hexdigest()[:16]
+        from zk0_pipelines.tracking.lineage import config_hash
+
+        return config_hash(self.to_dict())[:16]
 
 
 @dataclass

@@ -8,7 +8,6 @@ LeRobot produces (key order of ``meta/stats.json``, a Python ``set``) is rewritt
 
 from __future__ import annotations
 
-import hashlib
 import importlib
 import json
 import logging
@@ -62,8 +61,9 @@ class SyntheticSpec:
 
     def fingerprint(self) -> str:
         """Short stable hash of the spec (same spec ⇒ same dataset bytes on the same stack)."""
-        payload = json.dumps(self.to_dict(), sort_keys=True, separators=(",", ":"))
-        return hashlib.sha256(payload.encode()).hexdigest()[:16]
+        from zk0_pipelines.tracking.lineage import config_hash
+
+        return config_hash(self.to_dict())[:16]
 
 
 @dataclass
