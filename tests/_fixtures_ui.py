@@ -61,6 +61,7 @@ _INHERITED_STATE = (
     "ZK0_DEPLOYMENT",
     "ZK0_HUB_SEARCH",
     "ZK0_NIGHTLY_FORCE",
+    "ZK0_SENSOR_INTERVAL_S",
 )
 
 
@@ -140,6 +141,7 @@ def make_project(base: Path) -> Project:
             "DAGSTER_HOME": str(dagster_home),
             "ZK0_DATASET_REGISTRY": str(registry),
             "ZK0_DROP_FOLDER": str(drop),
+            "ZK0_SENSOR_INTERVAL_S": "5",  # the sensors' tick, not their logic, is what 30 s would test
             "RAY_TMPDIR": str(ray_tmp),
             "TMPDIR": str(tmp),
             "HF_HUB_OFFLINE": "1",

@@ -28,10 +28,13 @@ def _shown(value: object) -> str:
 
 def run_config_table() -> str:
     """Every run-config key with its default and meaning, as a Markdown table."""
-    lines = ["| key | default | meaning |", "|---|---|---|"]
-    for name, field in RunConfig.model_fields.items():
-        lines.append(f"| `{kebab(name)}` | {_shown(field.default)} | {describe(name)} |")
-    return "\n".join(lines) + "\n"
+    from zk0_pipelines.markdown_tables import markdown_table
+
+    rows = [
+        {"key": f"`{kebab(name)}`", "default": _shown(field.default), "meaning": describe(name)}
+        for name, field in RunConfig.model_fields.items()
+    ]
+    return markdown_table(rows) + "\n"
 
 
 README_TABLES: dict[str, Callable[[], str]] = {

@@ -79,6 +79,11 @@ DROP_FOLDER = EnvSetting(
 HUB_SEARCH = EnvSetting(
     "ZK0_HUB_SEARCH", "`so100`: the sensor also searches the Hugging Face Hub", when_unset="unset (no search)"
 )
+SENSOR_INTERVAL_S = EnvSetting(
+    "ZK0_SENSOR_INTERVAL_S",
+    "minimum seconds between two evaluations of each dataset sensor (drop folder / Hub, re-training)",
+    "30",
+)
 NIGHTLY_FORCE = EnvSetting(
     "ZK0_NIGHTLY_FORCE", "`1`: the nightly schedule trains even when the data did not change", "0"
 )
@@ -145,6 +150,7 @@ CATALOGUE: tuple[EnvSetting, ...] = (
     DATASET_REGISTRY,
     DROP_FOLDER,
     HUB_SEARCH,
+    SENSOR_INTERVAL_S,
     NIGHTLY_FORCE,
     NIGHTLY_TIMEZONE,
     DVC,
@@ -167,8 +173,14 @@ CATALOGUE: tuple[EnvSetting, ...] = (
 
 def render_table() -> str:
     """The catalogue as a Markdown table (the README's)."""
-    lines = ["| variable | default | meaning |", "|---|---|---|"]
-    for setting in CATALOGUE:
-        scope = " (tests)" if setting.scope == "tests" else ""
-        lines.append(f"| `{setting.name}` | {setting.shown_default()} | {setting.meaning}{scope} |")
-    return "\n".join(lines) + "\n"
+    from zk0_pipelines.markdown_tables import markdown_table
+
+    rows = [
+        {
+            "variable": f"`{setting.name}`",
+            "default": setting.shown_default(),
+            "meaning": setting.meaning + (" (tests)" if setting.scope == "tests" else ""),
+        }
+        for setting in CATALOGUE
+    ]
+    return markdown_table(rows) + "\n"

@@ -19,7 +19,7 @@ FINGERPRINT_TAG = "zk0/data_fingerprint"
 
 @dg.sensor(
     job=ingest_datasets,
-    minimum_interval_seconds=30,
+    minimum_interval_seconds=env_settings.SENSOR_INTERVAL_S.integer(),
     default_status=dg.DefaultSensorStatus.RUNNING,
     description="New SO-100/SO-101 datasets (drop folder, Hub search) → a partition and an ingest run each.",
 )
@@ -92,7 +92,7 @@ def last_trained_fingerprint(instance: dg.DagsterInstance) -> str | None:
 
 @dg.sensor(
     job=federated_training,
-    minimum_interval_seconds=30,
+    minimum_interval_seconds=env_settings.SENSOR_INTERVAL_S.integer(),
     default_status=dg.DefaultSensorStatus.RUNNING,
     description=(
         "Re-train once when the set of validated datasets changes (one admitted or quarantined), after "
