@@ -25,6 +25,9 @@ export RAY_USAGE_STATS_ENABLED := 0
 export TMPDIR := $(ROOT)/.zk0/tmp
 
 PYTEST_ARGS ?=
+# Two pytest-xdist workers: a single test leaves one of the two cores idle a third of the time (one
+# Python process, subprocess starts, waits on Dagster/Flower); tests/conftest.py groups them by module.
+PYTEST_WORKERS ?= 2
 
 .PHONY: help install demo test lint config ui mlflow-ui clean-state system-deps demo-sim postgres-install postgres-up postgres-down ui-postgres mlflow-ui-postgres serve
 help:
@@ -68,7 +71,7 @@ demo: install
 
 # pytest's exit code 5 (no test collected) is a failure, said out loud.
 test: install
-	HF_HUB_OFFLINE=1 $(VENV)/bin/python -m pytest $(PYTEST_ARGS) || { rc=$$?; \
+	HF_HUB_OFFLINE=1 $(VENV)/bin/python -m pytest -n $(PYTEST_WORKERS) --dist loadgroup --no-loadscope-reorder $(PYTEST_ARGS) || { rc=$$?; \
 	  if [ $$rc -eq 5 ]; then echo "make test: pytest collected no tests"; fi; exit $$rc; }
 
 lint: install

@@ -58,3 +58,20 @@ def _normal_scheduling() -> None:
     """Each test (and what it starts) runs under SCHED_OTHER: see :func:`reset_realtime_scheduling`."""
     if reset_realtime_scheduling():
         warnings.warn("pytest ran under a real-time scheduling policy; reset to SCHED_OTHER", stacklevel=1)
+
+
+#: Modules whose tests wait on wall-clock events (sensor ticks in a live Dagster, SuperNode heartbeats, a
+#: run killed mid-round): they share one xdist group, so they run one after another on one worker.
+TIMING_SENSITIVE = frozenset({"test_ui_e2e.py", "test_federated_deployment.py", "test_federated_e2e.py"})
+
+
+@pytest.hookimpl(tryfirst=True)  # before xdist's own hook reads the xdist_group markers
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """``make test`` runs two pytest-xdist workers (``--dist loadgroup --no-loadscope-reorder``): one group
+    per module, so its module- and session-scoped fixtures are set up once in one process, and one group
+    for ``TIMING_SENSITIVE``, collected first so that its long serial run starts at once on one worker
+    while the other worker takes everything else."""
+    items.sort(key=lambda item: item.path.name not in TIMING_SENSITIVE)  # stable: module order kept
+    for item in items:
+        name = item.path.name
+        item.add_marker(pytest.mark.xdist_group("timing-sensitive" if name in TIMING_SENSITIVE else name))
