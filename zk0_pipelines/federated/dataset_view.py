@@ -40,12 +40,18 @@ def _numpy_stats(raw: Mapping[str, Any]) -> dict[str, dict[str, np.ndarray]]:
     }
 
 
+def info_file(root: Path) -> Path:
+    """``root/meta/info.json``; ``FileNotFoundError`` naming the dataset when the folder is not one."""
+    path = Path(root) / "meta" / "info.json"
+    if not path.is_file():
+        raise FileNotFoundError(f"dataset {root} has no meta/info.json (not a LeRobot v3 dataset folder)")
+    return path
+
+
 def read_meta(root: Path) -> MetaFiles:
     """Read ``root/meta``; a clear error naming the file when it is missing or not a dataset's."""
     root = Path(root)
-    info_path = root / "meta" / "info.json"
-    if not info_path.is_file():
-        raise FileNotFoundError(f"dataset {root} has no meta/info.json (not a LeRobot v3 dataset folder)")
+    info_path = info_file(root)
     info = json.loads(info_path.read_text(encoding="utf-8"))
     stats_path = root / "meta" / "stats.json"
     if not stats_path.is_file():

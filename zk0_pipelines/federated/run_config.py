@@ -296,11 +296,7 @@ _TYPE_ERRORS = {
     "string_type": "must be a string",
     "bool_type": "must be a boolean",
 }
-_BOUND_ERRORS = {
-    "greater_than_equal": ("ge", ">="),
-    "greater_than": ("gt", ">"),
-    "less_than_equal": ("le", "<="),
-}
+_BOUND_ERRORS = dict(zip(("greater_than_equal", "greater_than", "less_than_equal"), _BOUNDS, strict=True))
 
 
 def _error_text(error: Mapping[str, Any]) -> str:

@@ -23,7 +23,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from zk0_pipelines.federated import wire
+from zk0_pipelines.federated import dataset_view, wire
 
 log = logging.getLogger(__name__)
 
@@ -49,8 +49,7 @@ def open_metadata(root: Path):
     from lerobot.datasets.lerobot_dataset import LeRobotDatasetMetadata
 
     root = Path(root)
-    if not (root / "meta" / "info.json").is_file():
-        raise FileNotFoundError(f"dataset {root} has no meta/info.json (not a LeRobot v3 dataset folder)")
+    dataset_view.info_file(root)  # the clear error before lerobot's own
     return LeRobotDatasetMetadata(repo_id_for(root), root=root)
 
 
