@@ -10,20 +10,16 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 EVAL_METRICS = {"eval_loss": "eval_loss", "action_mse": "eval_action_mse"}
 """Registry metric name (``promotion.promotion_metric``) → flattened round column."""
 
 
 def is_number(value: Any) -> bool:
     """A real number (Python or numpy scalar, not a bool): what is logged and plotted as a metric."""
-    return isinstance(value, int | float) and not isinstance(value, bool) or _is_numpy_number(value)
-
-
-def _is_numpy_number(value: Any) -> bool:
-    try:
-        import numpy as np
-    except ImportError:  # pragma: no cover
-        return False
+    if isinstance(value, int | float):
+        return not isinstance(value, bool)
     return isinstance(value, np.integer | np.floating) or (isinstance(value, np.ndarray) and value.ndim == 0)
 
 
