@@ -8,6 +8,7 @@ applies them under the promotion lock.
 from __future__ import annotations
 
 import math
+import typing
 from collections.abc import Mapping
 from typing import Any, Literal
 
@@ -17,13 +18,7 @@ EVAL_LOSS_TAG = "eval_loss"
 ACTION_MSE_TAG = "action_mse"
 SUCCESS_RATE_TAG = "success_rate"
 PromoteRule = Literal["lower_eval_loss", "lower_action_mse", "higher_success_rate", "always", "never"]
-PROMOTE_RULES: tuple[str, ...] = (
-    "lower_eval_loss",
-    "lower_action_mse",
-    "higher_success_rate",
-    "always",
-    "never",
-)
+PROMOTE_RULES: tuple[str, ...] = typing.get_args(PromoteRule)
 #: the metric each rule compares (``always``/``never`` report the eval loss); the success rate comes from
 #: the simulator rollouts, after registration (``ModelRegistry.decide_on_success_rate``)
 RULE_METRIC = {
