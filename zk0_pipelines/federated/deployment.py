@@ -45,7 +45,7 @@ import tomli_w
 from zk0_pipelines.federated.app_folder import write_app
 from zk0_pipelines.federated.launch_records import FederatedRunError, free_port, stop_tree, tool_path
 from zk0_pipelines.federated.pki import DEFAULT_TLS_HOSTS, NodeKeys, write_node_keys, write_tls_files
-from zk0_pipelines.federated.superlink import CONNECTION, TlsSuperLink
+from zk0_pipelines.federated.superlink import CONNECTION, STOP_GRACE_S, TlsSuperLink
 
 log = logging.getLogger(__name__)
 
@@ -194,11 +194,11 @@ class LocalDeployment(TlsSuperLink):
         """The SuperNode's output so far."""
         return node.log_path.read_text(errors="replace") if node.log_path.is_file() else ""
 
-    def stop(self) -> None:
+    def stop(self, grace_s: float = STOP_GRACE_S) -> None:
         """SIGTERM the SuperNodes (they deactivate), then stop the SuperLink and the rest of the launch."""
         for node in self.supernodes:
-            stop_tree(node.proc, grace_s=10.0)
-        super().stop()
+            stop_tree(node.proc, grace_s=min(grace_s, 10.0))
+        super().stop(grace_s)
 
 
 def _main(argv: Sequence[str] | None = None) -> int:

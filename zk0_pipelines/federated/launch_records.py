@@ -116,7 +116,8 @@ def kill_processes(procs: list, grace_s: float = 5.0) -> list[int]:
 
 
 def stop_tree(proc: subprocess.Popen, grace_s: float = 15.0) -> None:
-    """SIGTERM ``proc`` (SIGKILL after ``grace_s``), then stop its descendants as they were at the call."""
+    """SIGTERM ``proc`` (SIGKILL after ``grace_s``), then its descendants as they were at the call (SIGKILL
+    after ``min(grace_s, 5)``)."""
     import psutil
 
     try:
@@ -136,7 +137,7 @@ def stop_tree(proc: subprocess.Popen, grace_s: float = 15.0) -> None:
             if child.is_running() and child.status() != psutil.STATUS_ZOMBIE:
                 child.terminate()
                 alive.append(child)
-    _, still = psutil.wait_procs(alive, timeout=5)
+    _, still = psutil.wait_procs(alive, timeout=min(grace_s, 5.0))
     for child in still:
         with contextlib.suppress(psutil.NoSuchProcess):
             child.kill()

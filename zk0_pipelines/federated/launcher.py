@@ -35,7 +35,13 @@ from zk0_pipelines.federated.app_folder import write_app_folder
 from zk0_pipelines.federated.deployment import LocalDeployment
 from zk0_pipelines.federated.launch_records import FederatedRunError, reap_stale_launches
 from zk0_pipelines.federated.run_config import RunConfig, parse_run_config
-from zk0_pipelines.federated.superlink import SERVER_COMPLETED, SimulationSuperLink, SuperLinkProcess
+from zk0_pipelines.federated.superlink import (
+    COMPLETED_STOP_GRACE_S,
+    SERVER_COMPLETED,
+    STOP_GRACE_S,
+    SimulationSuperLink,
+    SuperLinkProcess,
+)
 
 log = logging.getLogger(__name__)
 
@@ -157,7 +163,7 @@ def run_federated(
             )
         ok = True
     finally:
-        sim.stop()
+        sim.stop(grace_s=COMPLETED_STOP_GRACE_S if ok else STOP_GRACE_S)
         if ok:
             sim.cleanup()
         else:

@@ -54,8 +54,11 @@ _RUN_ID = re.compile(r"Successfully started run (\d+)")
 #: ``run_app``'s status when the launcher's ``done`` check, not Flower, said the run ended.
 SERVER_COMPLETED = "server-completed"
 
-#: Concurrent single-threaded simulated clients per CPU given to Ray (``SimulationSuperLink.run_command``).
-MAX_CLIENTS_PER_CPU = 2
+#: SIGTERM → SIGKILL grace when stopping a launch (``SuperLinkProcess.stop``).
+STOP_GRACE_S = 15.0
+#: The same once the ServerApp recorded the run as completed: Ray's raylet and a draining actor took
+#: ~4.5 s to exit after SIGTERM in measurements, with nothing left to save.
+COMPLETED_STOP_GRACE_S = 1.0
 
 
 def superlink_command(port: int, security: Sequence[str]) -> list[str]:
@@ -240,10 +243,12 @@ class SuperLinkProcess:
             time.sleep(0.1)
         return False
 
-    def stop(self) -> None:
-        """Stop the SuperLink and every process it spawned (SuperExec, flwr-simulation, Ray), by PID."""
+    def stop(self, grace_s: float = STOP_GRACE_S) -> None:
+        """Stop the SuperLink and every process it spawned (SuperExec, flwr-simulation, Ray), by PID:
+        SIGTERM, then SIGKILL what is left after ``grace_s`` (``COMPLETED_STOP_GRACE_S`` once the ServerApp
+        has written everything: Ray's graceful drain then only costs wall time)."""
         if self.superlink is not None:
-            stop_tree(self.superlink)
+            stop_tree(self.superlink, grace_s=grace_s)
             self.superlink = None
         for proc in self._started:
             if proc.poll() is None:
@@ -253,7 +258,7 @@ class SuperLinkProcess:
         leftovers = launch_processes(self.launch_id)  # e.g. Ray processes re-parented away from the tree
         if leftovers:
             log.info("stopping %d leftover process(es) of launch %s", len(leftovers), self.launch_id)
-            kill_processes(leftovers)
+            kill_processes(leftovers, grace_s=min(grace_s, 5.0))
         if self.record_path.parent.is_dir():
             self._write_record("stopped")
 
@@ -397,13 +402,12 @@ class SimulationSuperLink(SuperLinkProcess):
 
     def run_command(self, app_dir: Path, num_supernodes: int) -> list[str]:
         """``flwr run`` with the federation config: ``num_supernodes`` simulated nodes, Ray's resources."""
-        # All clients train at once, each single-threaded (OMP_NUM_THREADS), sharing the num_cpus cores:
-        # Ray's CPU count is logical and Flower only takes whole CPUs per client, so Ray is told one CPU
-        # per SuperNode (at most MAX_CLIENTS_PER_CPU per real CPU) instead of running clients in waves.
-        ray_cpus = max(self.num_cpus, min(num_supernodes, MAX_CLIENTS_PER_CPU * self.num_cpus))
+        # One Ray actor per CPU, each client single-threaded (OMP_NUM_THREADS); more SuperNodes than CPUs
+        # train in waves. Every actor process imports the training stack once, which on a small machine
+        # costs more CPU time than the waves save (one actor per SuperNode made the start-up slower).
         fed = (
             f"num-supernodes={num_supernodes} client-resources-num-cpus=1 "
-            f"init-args-num-cpus={ray_cpus} init-args-log-to-driver=true"
+            f"init-args-num-cpus={self.num_cpus} init-args-log-to-driver=true"
         )
         return [tool_path("flwr"), "run", str(app_dir), CONNECTION, "--federation-config", fed, "--stream"]
 
