@@ -73,4 +73,5 @@ def configure_local_env() -> None:
     os.environ.setdefault("DVC_NO_ANALYTICS", "1")
     os.environ.setdefault("DO_NOT_TRACK", "1")
     os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
+    os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")  # else every flwr process posts a usage event
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")

@@ -98,6 +98,27 @@ def launch_processes(launch_id: str) -> list:
     return found
 
 
+def _running(proc) -> bool:
+    """True while ``proc`` (psutil) runs; an exited process its parent has not reaped yet (a zombie) does not
+    (``psutil.wait_procs`` waits for zombies of other parents until its timeout)."""
+    import psutil
+
+    try:
+        return proc.is_running() and proc.status() != psutil.STATUS_ZOMBIE
+    except psutil.Error:
+        return False
+
+
+def wait_gone(procs: list, timeout_s: float, poll_s: float = 0.05) -> list:
+    """Wait up to ``timeout_s`` for ``procs`` (psutil) to exit; returns those still running."""
+    deadline = time.monotonic() + timeout_s
+    alive = [p for p in procs if _running(p)]
+    while alive and time.monotonic() < deadline:
+        time.sleep(poll_s)
+        alive = [p for p in alive if _running(p)]
+    return alive
+
+
 def kill_processes(procs: list, grace_s: float = 5.0) -> list[int]:
     """SIGTERM ``procs`` (psutil processes), SIGKILL what is left after ``grace_s``; returns their pids."""
     import psutil
@@ -107,17 +128,17 @@ def kill_processes(procs: list, grace_s: float = 5.0) -> list[int]:
         with contextlib.suppress(psutil.Error):
             proc.terminate()
             alive.append(proc)
-    _, still = psutil.wait_procs(alive, timeout=grace_s)
+    still = wait_gone(alive, grace_s)
     for proc in still:
         with contextlib.suppress(psutil.Error):
             proc.kill()
-    psutil.wait_procs(still, timeout=grace_s)
+    wait_gone(still, grace_s)
     return sorted(p.pid for p in alive)
 
 
 def stop_tree(proc: subprocess.Popen, grace_s: float = 15.0) -> None:
-    """SIGTERM ``proc`` (SIGKILL after ``grace_s``), then its descendants as they were at the call (SIGKILL
-    after ``min(grace_s, 5)``)."""
+    """SIGTERM ``proc`` and its descendants (as they were at the call) together; SIGKILL what is still
+    running after ``grace_s``."""
     import psutil
 
     try:
@@ -126,21 +147,21 @@ def stop_tree(proc: subprocess.Popen, grace_s: float = 15.0) -> None:
         descendants = []
     if proc.poll() is None:
         proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(timeout=grace_s)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(timeout=5)
     alive = []
     for child in descendants:
         with contextlib.suppress(psutil.NoSuchProcess):
-            if child.is_running() and child.status() != psutil.STATUS_ZOMBIE:
+            if _running(child):
                 child.terminate()
                 alive.append(child)
-    _, still = psutil.wait_procs(alive, timeout=min(grace_s, 5.0))
-    for child in still:
+    deadline = time.monotonic() + grace_s
+    with contextlib.suppress(subprocess.TimeoutExpired):
+        proc.wait(timeout=grace_s)
+    for child in [*wait_gone(alive, max(0.0, deadline - time.monotonic()))]:
         with contextlib.suppress(psutil.NoSuchProcess):
             child.kill()
+    if proc.poll() is None:
+        proc.kill()
+        proc.wait(timeout=5)
 
 
 def remove_launch_dir(path: str | None, root_env: str) -> None:

@@ -152,7 +152,7 @@ def run_federated(
         app_dir = sim.flwr_home / "app"
         write_app_folder(app_dir, cfg)
         t1 = time.perf_counter()
-        run_id, status = sim.run_app(app_dir, len(train_roots), timeout_s, done=lambda: _completed(run_dir))
+        run_id, status = sim.run_app(app_dir, len(train_roots), timeout_s, done=CompletionCheck(run_dir))
         timings["run-s"] = time.perf_counter() - t1
         metrics = _read_metrics(run_dir)
         if status not in ("finished:completed", SERVER_COMPLETED) or metrics.get("status") != "completed":
@@ -197,9 +197,25 @@ def run_federated(
     )
 
 
-def _completed(run_dir: Path) -> bool:
-    """True once the ServerApp recorded the run as completed in ``metrics.json``."""
-    return _read_metrics(run_dir).get("status") == "completed"
+class CompletionCheck:
+    """True (when called) once the ServerApp recorded the run as completed in ``metrics.json``; the file is
+    parsed again only when it changed, as it is polled several times a second."""
+
+    def __init__(self, run_dir: Path) -> None:
+        self.path = Path(run_dir) / "metrics.json"
+        self._stamp: tuple[int, int, int] | None = None
+        self._done = False
+
+    def __call__(self) -> bool:
+        try:
+            stat = self.path.stat()
+        except FileNotFoundError:
+            return False
+        stamp = (stat.st_ino, stat.st_mtime_ns, stat.st_size)  # the recorder replaces the file
+        if stamp != self._stamp:
+            self._stamp = stamp
+            self._done = _read_metrics(self.path.parent).get("status") == "completed"
+        return self._done
 
 
 def _read_metrics(run_dir: Path) -> dict[str, Any]:

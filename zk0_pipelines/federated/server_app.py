@@ -19,6 +19,10 @@ Order of a run (``run_server``):
 With ``dp`` != none the strategy is wrapped in Flower's central-DP fixed-clipping wrapper (``privacy``
 module): ε after every round is recorded as ``dp-epsilon``, and ``dp-target-epsilon`` stops the run after
 the last round that keeps ε within the target (``dp-stopped-early`` in metrics.json).
+
+The module imports neither torch nor lerobot: in simulation it is loaded in the process that starts Ray, so
+the training stack is imported by ``ServerPrewarm``'s thread while the clients start, and by ``_run`` only
+after the query round; the global RNGs are seeded once that thread has ended.
 """
 
 from __future__ import annotations
@@ -29,22 +33,22 @@ import random
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import numpy as np
-import torch
 from flwr.app import ConfigRecord, Context, Message, MessageType, MetricRecord, RecordDict
 from flwr.serverapp import Grid, ServerApp
 from flwr.serverapp.strategy import Result
 
 from zk0_pipelines.datasets.cameras import export_rename_map
 from zk0_pipelines.datasets.so100 import CAMERA_KEYS as POLICY_CAMERAS
-from zk0_pipelines.federated import dataset_view, privacy, task, wire
+from zk0_pipelines.federated import dataset_view, privacy
 from zk0_pipelines.federated import recorder as rec
 from zk0_pipelines.federated.prewarm import ServerPrewarm
 from zk0_pipelines.federated.run_config import RunConfig, parse_run_config
-from zk0_pipelines.federated.strategy import ClientFailure, make_strategy, sample_size
 from zk0_pipelines.tracking import round_metrics
+
+if TYPE_CHECKING:
+    import numpy as np
 
 log = logging.getLogger(__name__)
 
@@ -114,6 +118,8 @@ def query_clients(grid: Grid, node_ids: list[int], timeout_s: float) -> list[Cli
     replies = list(grid.send_and_receive(messages, timeout=timeout_s))
     failed = [m for m in replies if m.has_error()]
     if failed:
+        from zk0_pipelines.federated.strategy import ClientFailure
+
         details = "; ".join(f"node {m.metadata.src_node_id}: {m.error.reason}" for m in failed)
         raise ClientFailure(f"{len(failed)} client(s) failed in the query round: {details}")
     if len(replies) < len(node_ids):
@@ -140,6 +146,8 @@ def query_clients(grid: Grid, node_ids: list[int], timeout_s: float) -> list[Cli
 
 def check_same_features(named_features: list[tuple[str, dict[str, Any]]]) -> dict[str, Any]:
     """The shared feature dict; ``ValueError`` naming the datasets whose dtypes/shapes differ."""
+    from zk0_pipelines.federated import task
+
     reference_name, reference = named_features[0]
     ref_sig = task.features_signature(reference)
     bad = [name for name, feats in named_features[1:] if task.features_signature(feats) != ref_sig]
@@ -166,6 +174,8 @@ class ServerEvaluator:
         stats: dict[str, Any] | None = None,
         opened: dict[Path, Any] | None = None,
     ) -> None:
+        from zk0_pipelines.federated import task
+
         self.cfg = cfg
         self.policy = policy
         self.preprocessor = preprocessor
@@ -188,6 +198,8 @@ class ServerEvaluator:
 
     def __call__(self) -> dict[str, float]:
         """``eval-loss``, ``eval-action-mse`` (overall and ``/<dataset>``) and ``eval-samples``."""
+        from zk0_pipelines.federated import task
+
         out: dict[str, float] = {}
         loss_sum, mse_sum, count = 0.0, 0.0, 0
         for name, dataset in self.datasets.items():
@@ -288,19 +300,7 @@ def run_server(grid: Grid, cfg: RunConfig, output_dir: Path, *, run_id: int | st
 def _run(
     grid: Grid, cfg: RunConfig, output_dir: Path, recorder: rec.RunRecorder, previous: dict[str, Any]
 ) -> Result:
-    from zk0_pipelines.policy import (
-        build_policy,
-        build_processors,
-        export_policy_folder,
-        frozen_fingerprint,
-        load_trainable_state,
-        trainable_state,
-    )
-
     random.seed(cfg.seed)  # Flower samples nodes with `random`
-    np.random.seed(cfg.seed % 2**32)
-    torch.manual_seed(cfg.seed)
-
     prewarm = ServerPrewarm(cfg)  # builds the policy and opens the eval datasets while clients start
     startup: dict[str, float] = {}
     t0 = time.perf_counter()
@@ -313,8 +313,22 @@ def _run(
             "are connected"
         )
     reports = query_clients(grid, node_ids, cfg.round_timeout_s)
-    startup["query-round-s"] = time.perf_counter() - t0  # in simulation: Ray actors start + import here
+    startup["query-round-s"] = time.perf_counter() - t0  # in simulation: Ray and its actors start here
     t0 = time.perf_counter()
+    import numpy as np
+    import torch
+
+    from zk0_pipelines.federated import task, wire
+    from zk0_pipelines.federated.strategy import make_strategy, sample_size
+    from zk0_pipelines.policy import (
+        build_policy,
+        build_processors,
+        export_policy_folder,
+        frozen_fingerprint,
+        load_trainable_state,
+        trainable_state,
+    )
+
     features = check_same_features([(r.dataset, r.features) for r in reports])
     stats = task.aggregate_client_stats([r.stats for r in reports])
     stats_json = dataset_view.stats_to_json(stats)
@@ -328,7 +342,9 @@ def _run(
         },
     )
 
-    policy, opened = prewarm.take_policy(features)
+    policy, opened = prewarm.take_policy(features)  # joins the prewarm thread (it seeds a private RNG)
+    np.random.seed(cfg.seed % 2**32)
+    torch.manual_seed(cfg.seed)
     startup["prewarmed"] = float(policy is not None)
     if policy is None:
         policy = build_policy(cfg.policy_spec(), task.PolicyMeta(features=features, stats=stats))

@@ -54,11 +54,17 @@ _RUN_ID = re.compile(r"Successfully started run (\d+)")
 #: ``run_app``'s status when the launcher's ``done`` check, not Flower, said the run ended.
 SERVER_COMPLETED = "server-completed"
 
+#: How often a SuperExec polls the SuperLink for a submitted run or message (Flower's default: 1 s).
+TASK_POLL_INTERVAL_S = 0.1
+
+#: How often ``run_app`` checks the ``flwr run`` process and the ``done`` condition.
+WAIT_POLL_S = 0.1
+
 #: SIGTERM → SIGKILL grace when stopping a launch (``SuperLinkProcess.stop``).
 STOP_GRACE_S = 15.0
 #: The same once the ServerApp recorded the run as completed: Ray's raylet and a draining actor took
 #: ~4.5 s to exit after SIGTERM in measurements, with nothing left to save.
-COMPLETED_STOP_GRACE_S = 1.0
+COMPLETED_STOP_GRACE_S = 0.5
 
 
 def superlink_command(port: int, security: Sequence[str]) -> list[str]:
@@ -155,6 +161,8 @@ class SuperLinkProcess:
                 env_settings.ROOT.name: str(repo_root()),
                 LAUNCH_ENV: self.launch_id,
                 "FLWR_DISABLE_UPDATE_CHECK": "1",
+                # the SuperExec asks the SuperLink for a submitted run every second by default
+                "FLWR_SUPEREXEC_TASK_POLL_INTERVAL": str(TASK_POLL_INTERVAL_S),
                 "RAY_USAGE_STATS_ENABLED": "0",
                 "RAY_DEDUP_LOGS": "0",
                 "RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO": "0",
@@ -368,7 +376,7 @@ class SuperLinkProcess:
         (``SERVER_COMPLETED``); ``subprocess.TimeoutExpired`` at ``deadline``."""
         while True:
             try:
-                proc.wait(timeout=max(0.01, min(0.5, deadline - time.monotonic())))
+                proc.wait(timeout=max(0.01, min(WAIT_POLL_S, deadline - time.monotonic())))
                 return None
             except subprocess.TimeoutExpired:
                 if time.monotonic() >= deadline:
