@@ -67,6 +67,11 @@ STOP_GRACE_S = 15.0
 COMPLETED_STOP_GRACE_S = 0.5
 
 
+def simulation_actors(num_cpus: int) -> int:
+    """Ray actors (simulated clients running at once) of a simulation launch given ``num_cpus``."""
+    return max(1, min(num_cpus, os.cpu_count() or 1))
+
+
 def superlink_command(port: int, security: Sequence[str]) -> list[str]:
     """``flower-superlink`` on 127.0.0.1:``port`` running ServerApps in subprocesses, with no runtime
     dependency installation; ``security`` is the variant's own flags (``--insecure --simulation`` or TLS)."""
@@ -115,7 +120,7 @@ class SuperLinkProcess:
         self.record_path = self.logs_dir / LAUNCH_RECORD.format(launch_id)
         self.flwr_home = Path(os.environ["FLWR_HOME"]) / "launches" / launch_id
         self.ray_tmp = Path(os.environ["RAY_TMPDIR"]) / launch_id
-        self.num_cpus = max(1, min(num_cpus, os.cpu_count() or 1))
+        self.num_cpus = simulation_actors(num_cpus)
         self.object_store_bytes = object_store_bytes
         self.torch_threads = max(1, torch_threads)
         self.startup_timeout_s = startup_timeout_s
