@@ -64,7 +64,7 @@ WAIT_POLL_S = 0.1
 STOP_GRACE_S = 15.0
 #: The same once the ServerApp recorded the run as completed: Ray's raylet and a draining actor took
 #: ~4.5 s to exit after SIGTERM in measurements, with nothing left to save.
-COMPLETED_STOP_GRACE_S = 0.5
+COMPLETED_STOP_GRACE_S = 0.2
 
 
 def simulation_actors(num_cpus: int) -> int:
