@@ -28,7 +28,6 @@ Last line: ``round_overhead: <steady-state median ratio>``.
 from __future__ import annotations
 
 import argparse
-import inspect
 import json
 import sys
 import time
@@ -93,7 +92,7 @@ def main(argv: list[str] | None = None) -> int:
         from zk0_pipelines.federated.run_config import parse_run_config
         from zk0_pipelines.federated.superlink import simulation_actors
 
-        actors = simulation_actors(inspect.signature(run_federated).parameters["num_cpus"].default)
+        actors = simulation_actors()  # run_federated's default CPUs
 
         t0 = time.perf_counter()
         data = work / "data"

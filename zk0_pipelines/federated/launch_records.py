@@ -77,7 +77,7 @@ def same_process(entry: Mapping[str, Any]):
 
     try:
         proc = psutil.Process(int(entry["pid"]))
-        if abs(proc.create_time() - float(entry["create-time"])) < 0.05 and proc.status() != "zombie":
+        if abs(proc.create_time() - float(entry["create-time"])) < 0.05 and _running(proc):
             return proc
     except (psutil.Error, KeyError, TypeError, ValueError):
         pass
@@ -93,7 +93,7 @@ def launch_processes(launch_id: str) -> list:
         if proc.pid == os.getpid():
             continue
         with contextlib.suppress(psutil.Error):
-            if proc.environ().get(LAUNCH_ENV) == launch_id and proc.status() != psutil.STATUS_ZOMBIE:
+            if proc.environ().get(LAUNCH_ENV) == launch_id and _running(proc):
                 found.append(proc)
     return found
 
@@ -156,7 +156,7 @@ def stop_tree(proc: subprocess.Popen, grace_s: float = 15.0) -> None:
     deadline = time.monotonic() + grace_s
     with contextlib.suppress(subprocess.TimeoutExpired):
         proc.wait(timeout=grace_s)
-    for child in [*wait_gone(alive, max(0.0, deadline - time.monotonic()))]:
+    for child in wait_gone(alive, max(0.0, deadline - time.monotonic())):
         with contextlib.suppress(psutil.NoSuchProcess):
             child.kill()
     if proc.poll() is None:

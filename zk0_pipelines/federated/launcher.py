@@ -38,6 +38,7 @@ from zk0_pipelines.federated.run_config import RunConfig, parse_run_config
 from zk0_pipelines.federated.superlink import (
     COMPLETED_STOP_GRACE_S,
     SERVER_COMPLETED,
+    SIMULATION_CPUS,
     STOP_GRACE_S,
     SimulationSuperLink,
     SuperLinkProcess,
@@ -100,7 +101,7 @@ def run_federated(
     config: Mapping[str, Any],
     *,
     timeout_s: float = 3600.0,
-    num_cpus: int = 2,
+    num_cpus: int = SIMULATION_CPUS,
     object_store_bytes: int = 512 * 1024**2,
     torch_threads: int = 1,
     federation: str = "simulation",

@@ -67,7 +67,11 @@ STOP_GRACE_S = 15.0
 COMPLETED_STOP_GRACE_S = 0.2
 
 
-def simulation_actors(num_cpus: int) -> int:
+#: CPUs a launch gives Ray unless told otherwise (``run_federated(num_cpus=...)``).
+SIMULATION_CPUS = 2
+
+
+def simulation_actors(num_cpus: int = SIMULATION_CPUS) -> int:
     """Ray actors (simulated clients running at once) of a simulation launch given ``num_cpus``."""
     return max(1, min(num_cpus, os.cpu_count() or 1))
 
@@ -108,7 +112,7 @@ class SuperLinkProcess:
         self,
         run_dir: Path,
         *,
-        num_cpus: int = 2,
+        num_cpus: int = SIMULATION_CPUS,
         object_store_bytes: int = 512 * 1024**2,
         startup_timeout_s: float = 60.0,
         torch_threads: int = 1,
