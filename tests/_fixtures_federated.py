@@ -62,6 +62,9 @@ class InProcessGrid(Grid):
     becomes an error reply, like Flower's runtimes do. ``sent`` counts messages per message type.
     """
 
+    #: the ServerApp then evaluates the baseline before round 1 (``server_app.clients_run_elsewhere``)
+    runs_clients_in_process = True
+
     def __init__(self, client_app, node_configs: list[dict], run_config: dict) -> None:
         from flwr.supercore.task_identity import TaskIdentity
 

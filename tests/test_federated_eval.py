@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -239,6 +240,60 @@ def test_federated_run_records_action_mse_each_round_and_mlflow_logs_it(roots, t
     )
     assert version.promoted and version.tags["action_mse"] == repr(mses[-1])
     assert version.tags["zk0.promotion.metric"] == "action_mse"
+
+
+def test_the_baseline_evaluation_runs_while_round_1_trains_and_changes_no_value(roots, tmp_path, monkeypatch):
+    from flwr.app import MessageType
+
+    from zk0_pipelines.federated import server_app
+    from zk0_pipelines.federated.client_app import app as client_app
+
+    calls: list[threading.Thread] = []
+    train_sent = threading.Event()
+    evaluate = server_app.ServerEvaluator.__call__
+
+    def spy(self):
+        calls.append(threading.current_thread())
+        if len(calls) == 1:  # the baseline: round 1's train messages go out while it runs
+            assert train_sent.wait(timeout=60), "round 1 did not start during the baseline evaluation"
+        return evaluate(self)
+
+    class ElsewhereGrid(InProcessGrid):
+        runs_clients_in_process = False  # as Flower's runtimes, whose clients are other processes
+
+        def send_and_receive(self, messages, *, timeout=None):
+            messages = list(messages)
+            if any(m.metadata.message_type == MessageType.TRAIN for m in messages):
+                train_sent.set()
+                calls[0].join()  # these clients share this process's torch RNG: they train after it
+            return super().send_and_receive(messages, timeout=timeout)
+
+    def run(grid_type, out: Path) -> dict:
+        values = dict(
+            TINY_CONFIG,
+            **{
+                "train-datasets": ",".join(map(str, roots["train"])),
+                "eval-datasets": str(roots["eval"][0]),
+                "eval-max-batches": 1,
+                "output-dir": str(out),
+            },
+        )
+        cfg = parse_run_config(values)
+        nodes = [{"partition-id": 0}, {"partition-id": 1}]
+        server_app.run_server(grid_type(client_app, nodes, cfg.to_dict()), cfg, out)
+        return json.loads((out / rec.METRICS_FILE).read_text())
+
+    with monkeypatch.context() as patch:
+        patch.setattr(server_app.ServerEvaluator, "__call__", spy)
+        overlapped = run(ElsewhereGrid, tmp_path / "overlapped")
+    assert calls[0].name == "zk0-baseline-eval"
+    assert all(t is threading.main_thread() for t in calls[1:])
+    sequential = run(InProcessGrid, tmp_path / "sequential")
+    assert overlapped["status"] == sequential["status"] == "completed"
+    assert [r["round"] for r in overlapped["rounds"]] == [0, 1, 2]
+    for a, b in zip(overlapped["rounds"], sequential["rounds"], strict=True):
+        assert a["server-eval"] == b["server-eval"]
+        assert a.get("update-norm") == b.get("update-norm")
 
 
 def test_server_evaluation_asset_shows_curves_and_the_best_round_by_the_promotion_rule(tmp_path):

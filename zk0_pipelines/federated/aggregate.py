@@ -136,6 +136,20 @@ def _numpy(view: torch.Tensor) -> np.ndarray:
     return view.numpy()
 
 
+def warm_up(num_replies: int, *, replies_are_updates: bool) -> None:
+    """Load (or compile) the kernel for ``num_replies`` replies of that wire: a process's first kernel call
+    also initialises numba's runtime, which would otherwise delay the first round's aggregation."""
+    k = max(1, num_replies)
+    part = np.zeros(1, dtype=np.uint16 if replies_are_updates else np.float32)
+    fedavg_kernels.tensor_pass(
+        np.zeros(1, dtype=np.float32),
+        [part] * k,
+        np.full(k, 1.0 / k, dtype=np.float32),
+        np.empty(1, dtype=np.float32),
+        replies_are_updates=replies_are_updates,
+    )
+
+
 def fused_pass(
     reference: Mapping[str, torch.Tensor],
     replies: Sequence[Mapping[str, torch.Tensor]],

@@ -10,8 +10,10 @@
   build seeds torch's global RNG, which must not race with another thread of the process; and the train
   and evaluate handlers first wait for these imports to end (``wait_for_client_prewarm``), so nothing runs
   beside a seeded training step (a resumed run must retrain to the same bits).
+- Server (``BackgroundCall``): the baseline (round-0) evaluation, which depends only on the initial weights,
+  runs while the clients train round 1; round 1's evaluation first waits for it (``server_app``).
 
-A failure here is only logged: the normal path builds the same things again and reports the error. The
+A prewarm failure is only logged: the normal path builds the same things again and reports the error. The
 threads run at a lower CPU priority (Linux: niceness is per thread), so on a busy machine they only take
 CPU time the start-up itself leaves idle (Ray's raylet must register within a fixed 30 s).
 """
@@ -23,6 +25,7 @@ import json
 import logging
 import os
 import threading
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -85,6 +88,32 @@ class ServerPrewarm:
         policy, datasets = self.policy, self.datasets
         self.policy, self.datasets = None, {}
         return policy, datasets
+
+
+class BackgroundCall:
+    """``fn()`` in a lower-priority thread started at once; :meth:`result` waits for it and returns its value
+    or raises its exception."""
+
+    def __init__(self, fn: Callable[[], Any], name: str) -> None:
+        self._fn = fn
+        self._value: Any = None
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._work, name=name, daemon=True)
+        self._thread.start()
+
+    def _work(self) -> None:
+        lower_thread_priority()
+        try:
+            self._value = self._fn()
+        except BaseException as exc:  # noqa: BLE001 - re-raised by result()
+            self._error = exc
+
+    def result(self) -> Any:
+        """The call's return value, once it has ended (raises what it raised)."""
+        self._thread.join()
+        if self._error is not None:
+            raise self._error
+        return self._value
 
 
 _CLIENT_THREADS: list[threading.Thread] = []

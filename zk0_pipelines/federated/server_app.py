@@ -13,7 +13,9 @@ Order of a run (``run_server``):
    ``evaluate_fn`` loads the aggregate, computes the seeded server loss and the raw-unit action MSE of the
    predicted action chunks on the eval datasets (when due; ``ServerEvaluator``), the update norm, and writes
    a checkpoint and ``metrics.json`` (``recorder`` doc); the best rounds by each metric are recorded at the
-   end (``best_rounds_record``);
+   end (``best_rounds_record``). The baseline (round-0) evaluation depends only on the initial weights: it
+   runs in a background thread while the clients train round 1 (``clients_run_elsewhere``), and round 1's
+   evaluation waits for it;
 5. export the final global policy to ``<output-dir>/final``.
 
 With ``dp`` != none the strategy is wrapped in Flower's central-DP fixed-clipping wrapper (``privacy``
@@ -27,6 +29,7 @@ after the query round; the global RNGs are seeded once that thread has ended.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import random
@@ -43,7 +46,7 @@ from zk0_pipelines.datasets.cameras import export_rename_map
 from zk0_pipelines.datasets.so100 import CAMERA_KEYS as POLICY_CAMERAS
 from zk0_pipelines.federated import dataset_view, privacy
 from zk0_pipelines.federated import recorder as rec
-from zk0_pipelines.federated.prewarm import ServerPrewarm
+from zk0_pipelines.federated.prewarm import BackgroundCall, ServerPrewarm
 from zk0_pipelines.federated.run_config import RunConfig, parse_run_config
 from zk0_pipelines.tracking import round_metrics
 
@@ -75,6 +78,13 @@ def main(grid: Grid, context: Context) -> None:
 def quiet_flower_propagation() -> None:
     """Keep Flower's records in Flower's own handler (lerobot's import configures the root logger too)."""
     logging.getLogger("flwr").propagate = False
+
+
+def clients_run_elsewhere(grid: Grid) -> bool:
+    """False for a grid that runs the ClientApps in this process (``runs_clients_in_process``, the tests'
+    in-process grid): SmolVLA samples from torch's global RNG, which an in-process client's seeded training
+    would share, so there the baseline evaluation does not overlap round 1."""
+    return not getattr(grid, "runs_clients_in_process", False)
 
 
 def wait_for_quorum(grid: Grid, quorum: int, timeout_s: float) -> list[int]:
@@ -318,7 +328,7 @@ def _run(
     import numpy as np
     import torch
 
-    from zk0_pipelines.federated import task, wire
+    from zk0_pipelines.federated import aggregate, task, wire
     from zk0_pipelines.federated.strategy import make_strategy, sample_size
     from zk0_pipelines.policy import (
         build_policy,
@@ -376,6 +386,7 @@ def _run(
     load_trainable_state(policy, state)
 
     evaluator = ServerEvaluator(cfg, policy, preprocessor, features, postprocessor, stats, opened)
+    overlap_baseline = clients_run_elsewhere(grid)
     startup["server-build-s"] = time.perf_counter() - t0
     recorder.set("startup", startup)
     last = {
@@ -393,41 +404,73 @@ def _run(
         "cameras": {r.dataset: r.cameras for r in reports},
     }
 
+    def evaluate(current: dict[str, Any], global_round: int) -> dict[str, Any]:
+        load_trainable_state(policy, current)
+        if not cfg.should_evaluate(global_round):
+            return {}
+        t0 = time.perf_counter()
+        metrics = evaluator()
+        return {"server-eval": metrics, "server-eval-time-s": time.perf_counter() - t0}
+
+    def note_evaluation(values: dict[str, Any]) -> MetricRecord | None:
+        metrics = values.get("server-eval")
+        if not metrics:
+            return None
+        last["eval"] = metrics["eval-loss"]
+        last["action-mse"] = metrics.get("eval-action-mse")
+        return MetricRecord(metrics)
+
+    def record_baseline(values: dict[str, Any]) -> MetricRecord | None:
+        recorder.finish_round(0, **values)
+        return note_evaluation(values)
+
+    def baseline_work(current: dict[str, Any]) -> dict[str, Any]:
+        values = evaluate(current, 0)
+        aggregate.warm_up(sample_size(cfg, len(node_ids)), replies_are_updates=cfg.wire_dtype == "bfloat16")
+        return values
+
+    pending: list[BackgroundCall] = []  # the baseline evaluation, running while the clients train round 1
+
+    def finish_baseline() -> None:
+        if pending:
+            values = pending.pop().result()
+            log.info("baseline (round 0) server evaluation: %s", values.get("server-eval"))
+            record_baseline(values)
+
     def evaluate_fn(server_round: int, arrays) -> MetricRecord | None:
         global_round = offset + server_round
         if server_round == 0 and offset > 0:
             return None  # the baseline of a resumed run was recorded by the first run
         current = wire.decode_state(arrays)
-        load_trainable_state(policy, current)
-        values: dict[str, Any] = {}
-        metrics = None
-        if cfg.should_evaluate(global_round):
-            t0 = time.perf_counter()
-            metrics = evaluator()
-            values["server-eval"] = metrics
-            values["server-eval-time-s"] = time.perf_counter() - t0
-            last["eval"] = metrics["eval-loss"]
-            last["action-mse"] = metrics.get("eval-action-mse")
-        if server_round > 0:
-            delta = wire.sub_state(current, last["state"])
-            values["update-norm"] = wire.l2_norm(delta)
-            values["update-norm-relative"] = values["update-norm"] / max(wire.l2_norm(last["state"]), 1e-12)
-            folder = rec.write_checkpoint(
-                output_dir,
-                global_round,
-                policy=policy,
-                preprocessor=export_preprocessor,
-                postprocessor=postprocessor,
-                trainable=current,
-                round_info=round_info,
-                card_markdown=model_card(
-                    cfg, global_round, reports, last["eval"], last["action-mse"], last["epsilon"]
-                ),
-            )
-            values["checkpoint"] = str(folder)
+        if server_round == 0:
+            last["state"] = current
+            if overlap_baseline and cfg.should_evaluate(0):
+                # it depends only on the initial weights; round 1's evaluation waits for it
+                pending.append(BackgroundCall(lambda: baseline_work(current), name="zk0-baseline-eval"))
+                return None
+            return record_baseline(evaluate(current, 0))
+        finish_baseline()
+        values = evaluate(current, global_round)
+        metrics = note_evaluation(values)
+        delta = wire.sub_state(current, last["state"])
+        values["update-norm"] = wire.l2_norm(delta)
+        values["update-norm-relative"] = values["update-norm"] / max(wire.l2_norm(last["state"]), 1e-12)
+        folder = rec.write_checkpoint(
+            output_dir,
+            global_round,
+            policy=policy,
+            preprocessor=export_preprocessor,
+            postprocessor=postprocessor,
+            trainable=current,
+            round_info=round_info,
+            card_markdown=model_card(
+                cfg, global_round, reports, last["eval"], last["action-mse"], last["epsilon"]
+            ),
+        )
+        values["checkpoint"] = str(folder)
         last["state"] = current
         recorder.finish_round(global_round, **values)
-        return MetricRecord(metrics) if metrics else None
+        return metrics
 
     clients = {r.node_id: {"dataset": r.dataset, "partition-id": r.partition_id} for r in reports}
 
@@ -455,15 +498,21 @@ def _run(
             log.info("dp-target-epsilon: stopping after global round %d", offset + num_rounds)
     # stats as UTF-8 JSON bytes: Flower logs bytes as <bytes> instead of printing the whole table
     run_conf = {"frozen-fingerprint": fingerprint, "norm-stats": stats_json.encode()}
-    result = strategy.start(
-        grid=grid,
-        initial_arrays=wire.encode_state(state, "float32"),
-        num_rounds=num_rounds,
-        timeout=cfg.round_timeout_s,
-        train_config=ConfigRecord(dict(run_conf)),
-        evaluate_config=ConfigRecord(dict(run_conf)),
-        evaluate_fn=evaluate_fn,
-    )
+    try:
+        result = strategy.start(
+            grid=grid,
+            initial_arrays=wire.encode_state(state, "float32"),
+            num_rounds=num_rounds,
+            timeout=cfg.round_timeout_s,
+            train_config=ConfigRecord(dict(run_conf)),
+            evaluate_config=ConfigRecord(dict(run_conf)),
+            evaluate_fn=evaluate_fn,
+        )
+    except BaseException:
+        with contextlib.suppress(Exception):
+            finish_baseline()  # a run failing in round 1 keeps its baseline
+        raise
+    finish_baseline()  # a run without rounds
     if len(result.arrays) > 0:
         load_trainable_state(policy, wire.decode_state(result.arrays))
     final = export_policy_folder(

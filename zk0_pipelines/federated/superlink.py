@@ -175,6 +175,9 @@ class SuperLinkProcess:
                 "RAY_USAGE_STATS_ENABLED": "0",
                 "RAY_DEDUP_LOGS": "0",
                 "RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO": "0",
+                # Ray would start idle workers for the first driver; Flower's actors need workers with its
+                # runtime env, so those were killed unused (CPU time spent while the clients import)
+                "RAY_prestart_worker_first_driver": "0",
                 "RAY_DEFAULT_OBJECT_STORE_MAX_MEMORY_BYTES": str(self.object_store_bytes),
                 "PYTHONUNBUFFERED": "1",
                 "TOKENIZERS_PARALLELISM": "false",
