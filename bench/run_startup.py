@@ -12,7 +12,8 @@ except ``num-server-rounds`` (``--rounds``), ``local-steps`` (``--local-steps``,
 
 Baseline: a fresh Python process (same interpreter, same single-thread settings as a client) that imports
 torch and lerobot's SmolVLA and builds the tiny policy once (``PolicySpec(source="tiny")``) for a demo
-dataset: the least any run must pay once. The goal is a ratio ≤ 3.
+dataset: the least any run must pay once; the mean of one measurement right before and one right after the
+run, since the machine's speed drifts. The goal is a ratio ≤ 3.
 
     .venv/bin/python bench/run_startup.py [--rounds 6] [--clients 3] [--keep]
 
@@ -77,11 +78,8 @@ def main(argv: list[str] | None = None) -> int:
         data = work / "data"
         train_roots = [C.write_dataset(data, name, **spec) for name, spec in C.DEMO_SPECS[: args.clients]]
         eval_roots = [C.write_dataset(data, C.DEMO_EVAL_SPEC[0], **C.DEMO_EVAL_SPEC[1])]
-        # warm the tiny VLM folder and the interpreter's page cache, as any second run finds them
-        base_import, base_build = baseline_seconds(train_roots[0])
-        base_import, base_build = baseline_seconds(train_roots[0])
-        baseline = base_import + base_build
-        print(f"baseline: import torch + lerobot {base_import:.2f} s, build tiny policy {base_build:.2f} s")
+        baseline_seconds(train_roots[0])  # warms the tiny VLM folder and the page cache
+        before = baseline_seconds(train_roots[0])
         print(C.load_note())
         config = C.demo_run_config(args)
         shutil.rmtree(work / "run", ignore_errors=True)  # a kept earlier run would be refused
@@ -89,6 +87,14 @@ def main(argv: list[str] | None = None) -> int:
         result = run_federated(train_roots, eval_roots, work / "run", config)
         wall = time.perf_counter() - t0
         print(C.load_note())
+        after = baseline_seconds(train_roots[0])
+        # measured on both sides of the run: the machine's speed drifts over a minute
+        base_import, base_build = (before[0] + after[0]) / 2, (before[1] + after[1]) / 2
+        baseline = base_import + base_build
+        print(
+            f"baseline: import torch + lerobot {base_import:.2f} s, build tiny policy {base_build:.2f} s "
+            f"(mean of {sum(before):.2f} s before and {sum(after):.2f} s after the run)"
+        )
         metrics = json.loads(result.metrics_path.read_text())
         walls = [float(r["wall-time-s"]) for r in metrics["rounds"] if r["round"] >= 1 and "wall-time-s" in r]
         steady = statistics.median(walls)
@@ -110,6 +116,8 @@ def main(argv: list[str] | None = None) -> int:
                 "fixed-minus-round-sum-s": wall - sum(walls),
                 "baseline-import-s": base_import,
                 "baseline-build-s": base_build,
+                "baseline-before-s": sum(before),
+                "baseline-after-s": sum(after),
                 "startup": startup,
                 "timings": result.timings,
             }
