@@ -249,14 +249,19 @@ def test_the_baseline_evaluation_runs_while_round_1_trains_and_changes_no_value(
     from zk0_pipelines.federated.client_app import app as client_app
 
     calls: list[threading.Thread] = []
-    train_sent = threading.Event()
+    train_sent, baseline_done = threading.Event(), threading.Event()
     evaluate = server_app.ServerEvaluator.__call__
 
     def spy(self):
         calls.append(threading.current_thread())
-        if len(calls) == 1:  # the baseline: round 1's train messages go out while it runs
-            assert train_sent.wait(timeout=60), "round 1 did not start during the baseline evaluation"
-        return evaluate(self)
+        if len(calls) > 1:
+            return evaluate(self)
+        # the baseline: round 1's train messages go out while it runs
+        assert train_sent.wait(timeout=60), "round 1 did not start during the baseline evaluation"
+        try:
+            return evaluate(self)
+        finally:
+            baseline_done.set()
 
     class ElsewhereGrid(InProcessGrid):
         runs_clients_in_process = False  # as Flower's runtimes, whose clients are other processes
@@ -265,7 +270,8 @@ def test_the_baseline_evaluation_runs_while_round_1_trains_and_changes_no_value(
             messages = list(messages)
             if any(m.metadata.message_type == MessageType.TRAIN for m in messages):
                 train_sent.set()
-                calls[0].join()  # these clients share this process's torch RNG: they train after it
+                # these clients share this process's torch RNG: they train after the baseline
+                assert baseline_done.wait(timeout=120), "the baseline evaluation did not end"
             return super().send_and_receive(messages, timeout=timeout)
 
     def run(grid_type, out: Path) -> dict:
