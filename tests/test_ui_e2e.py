@@ -48,6 +48,7 @@ ARTIFACTS = CHECKOUT / "test-artifacts"
 DROPPED_NAME = "lab_wave"
 DROPPED_ID = f"drop-{DROPPED_NAME}"
 TERMINAL = ("Success", "Failure", "Canceled")
+TERMINAL_API = ("SUCCESS", "FAILURE", "CANCELED")
 # Upper bounds, not expectations: a tiny federated run takes ~3-4 min on 2 idle cores (most of it
 # process start-up), an ingest run ~1 min; a machine shared with other jobs can take 3x as long.
 RUN_TIMEOUT_S = 900
@@ -140,28 +141,34 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
             shutil.copy2(log_path, ARTIFACTS / "dagster-dev.log")
 
 
-def _run_status_in_ui(stack: Stack, run_id: str, timeout_s: float, poll_s: float = 15) -> str:
-    """Poll the run page until its header shows a terminal status; return it.
+def _run_status_in_ui(stack: Stack, run_id: str, timeout_s: float) -> str:
+    """Wait for the run to end through the webserver's GraphQL API (what the UI itself reads), then open its
+    run page and return the terminal status its header shows.
 
-    Between looks the tab shows a blank page: a live run page (Gantt chart, log stream) costs a CPU core
-    of its own on a 2-core machine.
+    The tab stays blank while the run goes on: a live run page (Gantt chart, log stream) costs a CPU core of
+    its own on a 2-core machine, and a slow run starved by it got slower still.
     """
+    query = "query($id: ID!) { runOrError(runId: $id) { ... on Run { status } } }"
+
+    def ended() -> bool:
+        return stack.server.graphql(query, {"id": run_id})["runOrError"]["status"] in TERMINAL_API
+
+    try:
+        wait_for(f"run {run_id} to end", ended, timeout_s, interval_s=3)
+    except AssertionError as exc:
+        raise AssertionError(f"{exc}\n{stack.server.log_tail()}") from None
     page = stack.page
+    page.goto(f"{stack.server.url}/runs/{run_id}")
+    page.get_by_text(run_id[:8], exact=True).first.wait_for()
     header_status = page.locator("[class*='PageHeader_titleAndTags'] .BaseTag").first
-    deadline = time.monotonic() + timeout_s
-    status = ""
-    while True:
-        page.goto(f"{stack.server.url}/runs/{run_id}")
-        page.get_by_text(run_id[:8], exact=True).first.wait_for()
-        status = header_status.inner_text().strip()
-        if status in TERMINAL:
-            return status
-        page.goto("about:blank")
-        if time.monotonic() > deadline:
-            raise AssertionError(
-                f"run {run_id} still {status!r} in the UI after {timeout_s:.0f} s\n{stack.server.log_tail()}"
-            )
-        time.sleep(poll_s)
+    status = wait_for(
+        "the run page's header to show the run's end",
+        lambda: (text := header_status.inner_text().strip()) in TERMINAL and text,
+        timeout_s=60,
+        interval_s=1,
+    )
+    page.goto("about:blank")
+    return status
 
 
 def _run_failure(stack: Stack, run_id: str) -> str:
