@@ -425,9 +425,9 @@ def _run(
         return note_evaluation(values)
 
     def baseline_work(current: dict[str, Any]) -> dict[str, Any]:
-        values = evaluate(current, 0)
+        # first the short kernel load, so round 1's aggregation finds it done even when the evaluation is long
         aggregate.warm_up(sample_size(cfg, len(node_ids)), replies_are_updates=cfg.wire_dtype == "bfloat16")
-        return values
+        return evaluate(current, 0)
 
     pending: list[BackgroundCall] = []  # the baseline evaluation, running while the clients train round 1
 
