@@ -10,8 +10,8 @@ the three synthetic client datasets and the eval dataset of ``configs/datasets.d
 - round wall time: ``rounds[i]["wall-time-s"]`` (the strategy's configure_train → end of the server's
   evaluate_fn for that round: sending, client training, replies, aggregation, server eval, checkpoint);
 - client local training time: ``step-time-s`` (mean per step) x ``local-steps`` of each client's train
-  record in that round; what counts is the training's critical path on the run's Ray actors (one per CPU,
-  ``superlink.simulation_actors``): the clients' times packed longest-first onto that many parallel slots
+  record in that round; what counts is the training's critical path on the run's Ray actors
+  (``superlink.simulation_actors``): the clients' times packed longest-first onto that many parallel slots
   (the slowest client when there are at least as many actors as clients). The ratio against the slowest
   client alone (the definition before clients ran in waves) is printed too;
 - server eval time: ``rounds[i]["server-eval-time-s"]``.
@@ -92,7 +92,7 @@ def main(argv: list[str] | None = None) -> int:
         from zk0_pipelines.federated.run_config import parse_run_config
         from zk0_pipelines.federated.superlink import simulation_actors
 
-        actors = simulation_actors()  # run_federated's default CPUs
+        actors, _ = simulation_actors()  # run_federated's default CPUs
 
         t0 = time.perf_counter()
         data = work / "data"

@@ -11,7 +11,8 @@ Handlers:
   the received trainable weights, runs ``local-steps`` seeded steps with the learning rate the server sent
   for this round (``learning-rate`` in the message config: the server's schedule, not the local run config;
   FedProx term when ``proximal-mu`` is in the config) and replies with its weights (float32 wire) or its
-  update (bfloat16 wire) and metrics (incl. ``lr``, the optimizer's learning rate). Faults named by the
+  update (bfloat16 wire) and metrics (incl. ``lr``, the optimizer's learning rate; its info record carries
+  ``torch-threads``, the intra-op threads it trained with). Faults named by the
   tests-only ``inject-faults`` key are applied here (``faults`` module).
 - ``evaluate``: seeded flow-matching loss of the received weights on the local dataset.
 
@@ -93,9 +94,10 @@ def _info(root: Path, pid: int, **extra) -> ConfigRecord:
 def _runtime(cfg: RunConfig, root: Path, conf: ConfigRecord):
     from zk0_pipelines.federated import task
     from zk0_pipelines.federated.prewarm import wait_for_client_prewarm
-    from zk0_pipelines.federated.runtime import get_client_runtime
+    from zk0_pipelines.federated.runtime import get_client_runtime, use_assigned_cpus
 
     wait_for_client_prewarm()  # nothing may run beside seeded work (prewarm module doc)
+    use_assigned_cpus()
 
     for key in ("frozen-fingerprint", "norm-stats"):
         if key not in conf:
@@ -136,6 +138,8 @@ def query(msg: Message, context: Context) -> Message:
 @app.train()
 def train(msg: Message, context: Context) -> Message:
     """Local training round on this client's dataset."""
+    import torch
+
     from zk0_pipelines.federated import task, wire
     from zk0_pipelines.policy import load_trainable_state, trainable_state
 
@@ -178,7 +182,7 @@ def train(msg: Message, context: Context) -> Message:
         {
             "arrays": wire.encode_state(payload, cfg.wire_dtype),
             "metrics": MetricRecord(result.to_metrics()),
-            INFO_KEY: _info(root, pid, round=server_round),
+            INFO_KEY: _info(root, pid, round=server_round, **{"torch-threads": torch.get_num_threads()}),
         }
     )
     return Message(content, reply_to=msg)

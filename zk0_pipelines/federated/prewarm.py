@@ -14,8 +14,9 @@
   runs while the clients train round 1; round 1's evaluation first waits for it (``server_app``).
 
 A prewarm failure is only logged: the normal path builds the same things again and reports the error. The
-threads run at a lower CPU priority (Linux: niceness is per thread), so on a busy machine they only take
-CPU time the start-up itself leaves idle (Ray's raylet must register within a fixed 30 s).
+server's threads run at a lower CPU priority (Linux: niceness is per thread), so on a busy machine they only
+take CPU time the start-up itself leaves idle (Ray's raylet must register within a fixed 30 s). The client's
+import thread does not: Ray already runs its workers niced, and that import is what round 1 waits for.
 """
 
 from __future__ import annotations
@@ -139,7 +140,6 @@ def prewarm_client_imports(modules: tuple[str, ...] = CLIENT_MODULES) -> threadi
     import importlib
 
     def work() -> None:
-        lower_thread_priority()
         for name in modules:
             try:
                 importlib.import_module(name)

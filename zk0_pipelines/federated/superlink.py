@@ -69,11 +69,19 @@ COMPLETED_STOP_GRACE_S = 0.2
 
 #: CPUs a launch gives Ray unless told otherwise (``run_federated(num_cpus=...)``).
 SIMULATION_CPUS = 2
+#: CPUs Ray gives each simulated client, used as its intra-op threads (``runtime.use_assigned_cpus``).
+CLIENT_CPUS = 2
 
 
-def simulation_actors(num_cpus: int = SIMULATION_CPUS) -> int:
-    """Ray actors (simulated clients running at once) of a simulation launch given ``num_cpus``."""
-    return max(1, min(num_cpus, os.cpu_count() or 1))
+def simulation_actors(num_cpus: int = SIMULATION_CPUS, client_cpus: int = CLIENT_CPUS) -> tuple[int, int]:
+    """``(Ray actors, CPUs per actor)`` of a simulation launch given ``num_cpus`` (at most the machine's).
+
+    Every actor process imports the training stack once (several CPU-seconds); threads within one client
+    train about as fast as the same CPUs spread over more actors, so actors get ``client_cpus`` each and
+    SuperNodes beyond the actors train one after another."""
+    cpus = max(1, min(num_cpus, os.cpu_count() or 1))
+    per_actor = max(1, min(client_cpus, cpus))
+    return max(1, cpus // per_actor), per_actor
 
 
 def superlink_command(port: int, security: Sequence[str]) -> list[str]:
@@ -124,7 +132,7 @@ class SuperLinkProcess:
         self.record_path = self.logs_dir / LAUNCH_RECORD.format(launch_id)
         self.flwr_home = Path(os.environ["FLWR_HOME"]) / "launches" / launch_id
         self.ray_tmp = Path(os.environ["RAY_TMPDIR"]) / launch_id
-        self.num_cpus = simulation_actors(num_cpus)
+        self.actors, self.client_cpus = simulation_actors(num_cpus)
         self.object_store_bytes = object_store_bytes
         self.torch_threads = max(1, torch_threads)
         self.startup_timeout_s = startup_timeout_s
@@ -181,8 +189,9 @@ class SuperLinkProcess:
                 "RAY_DEFAULT_OBJECT_STORE_MAX_MEMORY_BYTES": str(self.object_store_bytes),
                 "PYTHONUNBUFFERED": "1",
                 "TOKENIZERS_PARALLELISM": "false",
-                # one intra-op thread per process: Ray gives each client 1 CPU, and OpenMP spin-waiting
-                # on an oversubscribed machine made steps 10-20x slower in measurements
+                # intra-op threads of the server and of SuperNode processes; a simulated client uses the
+                # CPUs Ray gave it (``runtime.use_assigned_cpus``). OpenMP spin-waiting on an oversubscribed
+                # machine made steps 10-20x slower in measurements
                 "OMP_NUM_THREADS": str(self.torch_threads),
                 "MKL_NUM_THREADS": str(self.torch_threads),
             }
@@ -421,13 +430,11 @@ class SimulationSuperLink(SuperLinkProcess):
         self.ray_tmp.mkdir(parents=True, exist_ok=True)
 
     def run_command(self, app_dir: Path, num_supernodes: int) -> list[str]:
-        """``flwr run`` with the federation config: ``num_supernodes`` simulated nodes, Ray's resources."""
-        # One Ray actor per CPU, each client single-threaded (OMP_NUM_THREADS); more SuperNodes than CPUs
-        # train in waves. Every actor process imports the training stack once, which on a small machine
-        # costs more CPU time than the waves save (one actor per SuperNode made the start-up slower).
+        """``flwr run`` with the federation config: ``num_supernodes`` simulated nodes, Ray's resources
+        (``simulation_actors``: Ray runs as many clients at once as it has actors)."""
         fed = (
-            f"num-supernodes={num_supernodes} client-resources-num-cpus=1 "
-            f"init-args-num-cpus={self.num_cpus} init-args-log-to-driver=true"
+            f"num-supernodes={num_supernodes} client-resources-num-cpus={self.client_cpus} "
+            f"init-args-num-cpus={self.actors * self.client_cpus} init-args-log-to-driver=true"
         )
         return [tool_path("flwr"), "run", str(app_dir), CONNECTION, "--federation-config", fed, "--stream"]
 
