@@ -92,7 +92,7 @@ def main(argv: list[str] | None = None) -> int:
         from zk0_pipelines.federated.run_config import parse_run_config
         from zk0_pipelines.federated.superlink import simulation_actors
 
-        actors, _ = simulation_actors()  # run_federated's default CPUs
+        actors = simulation_actors()  # run_federated's default CPUs
 
         t0 = time.perf_counter()
         data = work / "data"

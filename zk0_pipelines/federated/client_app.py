@@ -94,10 +94,9 @@ def _info(root: Path, pid: int, **extra) -> ConfigRecord:
 def _runtime(cfg: RunConfig, root: Path, conf: ConfigRecord):
     from zk0_pipelines.federated import task
     from zk0_pipelines.federated.prewarm import wait_for_client_prewarm
-    from zk0_pipelines.federated.runtime import get_client_runtime, use_assigned_cpus
+    from zk0_pipelines.federated.runtime import get_client_runtime
 
     wait_for_client_prewarm()  # nothing may run beside seeded work (prewarm module doc)
-    use_assigned_cpus()
 
     for key in ("frozen-fingerprint", "norm-stats"):
         if key not in conf:

@@ -52,31 +52,6 @@ class ClientRuntime:
         return self._processors[key]
 
 
-def ray_assigned_cpus() -> int | None:
-    """Whole CPUs Ray assigned to this process's actor, or ``None`` outside a Ray worker."""
-    import sys
-
-    ray = sys.modules.get("ray")  # a Ray worker has imported it; nothing else needs to
-    if ray is None or not ray.is_initialized():
-        return None
-    context = ray.get_runtime_context()
-    if context.worker.mode != ray.WORKER_MODE:
-        return None
-    cpus = context.get_assigned_resources().get("CPU")
-    return max(1, int(cpus)) if cpus else None
-
-
-def use_assigned_cpus() -> None:
-    """In a Ray actor, train with as many intra-op threads as CPUs Ray gave it (Ray's own rule for
-    ``OMP_NUM_THREADS``, which the launch environment sets for the server and SuperNode processes)."""
-    cpus = ray_assigned_cpus()
-    if cpus is not None:
-        import torch
-
-        if torch.get_num_threads() != cpus:
-            torch.set_num_threads(cpus)
-
-
 def get_client_runtime(root: Path, spec) -> ClientRuntime:
     """The cached :class:`ClientRuntime` for ``root`` and ``spec`` (a ``PolicySpec``), built on first use."""
     from zk0_pipelines.policy import build_policy, frozen_fingerprint

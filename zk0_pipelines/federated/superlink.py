@@ -67,21 +67,18 @@ STOP_GRACE_S = 15.0
 COMPLETED_STOP_GRACE_S = 0.2
 
 
-#: CPUs a launch gives Ray unless told otherwise (``run_federated(num_cpus=...)``).
+#: CPUs a launch gives the simulation unless told otherwise (``run_federated(num_cpus=...)``).
 SIMULATION_CPUS = 2
-#: CPUs Ray gives each simulated client, used as its intra-op threads (``runtime.use_assigned_cpus``).
-CLIENT_CPUS = 2
 
 
-def simulation_actors(num_cpus: int = SIMULATION_CPUS, client_cpus: int = CLIENT_CPUS) -> tuple[int, int]:
-    """``(Ray actors, CPUs per actor)`` of a simulation launch given ``num_cpus`` (at most the machine's).
+def simulation_actors(num_cpus: int = SIMULATION_CPUS) -> int:
+    """Ray actors (simulated clients training at once, one intra-op thread each) of a simulation launch.
 
-    Every actor process imports the training stack once (several CPU-seconds); threads within one client
-    train about as fast as the same CPUs spread over more actors, so actors get ``client_cpus`` each and
-    SuperNodes beyond the actors train one after another."""
-    cpus = max(1, min(num_cpus, os.cpu_count() or 1))
-    per_actor = max(1, min(client_cpus, cpus))
-    return max(1, cpus // per_actor), per_actor
+    One of ``num_cpus`` (at most the machine's) stays with the ServerApp process, which imports the same
+    training stack, evaluates the baseline while round 1 trains and evaluates between rounds. Every actor
+    process imports the training stack once (several CPU-seconds), so on 2 CPUs one actor trains the
+    SuperNodes one after another."""
+    return max(1, min(num_cpus, os.cpu_count() or 1) - 1)
 
 
 def superlink_command(port: int, security: Sequence[str]) -> list[str]:
@@ -132,7 +129,7 @@ class SuperLinkProcess:
         self.record_path = self.logs_dir / LAUNCH_RECORD.format(launch_id)
         self.flwr_home = Path(os.environ["FLWR_HOME"]) / "launches" / launch_id
         self.ray_tmp = Path(os.environ["RAY_TMPDIR"]) / launch_id
-        self.actors, self.client_cpus = simulation_actors(num_cpus)
+        self.actors = simulation_actors(num_cpus)
         self.object_store_bytes = object_store_bytes
         self.torch_threads = max(1, torch_threads)
         self.startup_timeout_s = startup_timeout_s
@@ -189,9 +186,9 @@ class SuperLinkProcess:
                 "RAY_DEFAULT_OBJECT_STORE_MAX_MEMORY_BYTES": str(self.object_store_bytes),
                 "PYTHONUNBUFFERED": "1",
                 "TOKENIZERS_PARALLELISM": "false",
-                # intra-op threads of the server and of SuperNode processes; a simulated client uses the
-                # CPUs Ray gave it (``runtime.use_assigned_cpus``). OpenMP spin-waiting on an oversubscribed
-                # machine made steps 10-20x slower in measurements
+                # one intra-op thread per process: OpenMP spin-waiting on an oversubscribed machine made
+                # steps 10-20x slower in measurements (a 2-thread client next to one busy process: 20x),
+                # and at demo size a second thread saved ~10 % of a step on an idle machine
                 "OMP_NUM_THREADS": str(self.torch_threads),
                 "MKL_NUM_THREADS": str(self.torch_threads),
             }
@@ -433,8 +430,8 @@ class SimulationSuperLink(SuperLinkProcess):
         """``flwr run`` with the federation config: ``num_supernodes`` simulated nodes, Ray's resources
         (``simulation_actors``: Ray runs as many clients at once as it has actors)."""
         fed = (
-            f"num-supernodes={num_supernodes} client-resources-num-cpus={self.client_cpus} "
-            f"init-args-num-cpus={self.actors * self.client_cpus} init-args-log-to-driver=true"
+            f"num-supernodes={num_supernodes} client-resources-num-cpus=1 "
+            f"init-args-num-cpus={self.actors} init-args-log-to-driver=true"
         )
         return [tool_path("flwr"), "run", str(app_dir), CONNECTION, "--federation-config", fed, "--stream"]
 
