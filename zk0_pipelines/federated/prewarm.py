@@ -50,47 +50,6 @@ def _canonical(features: dict[str, Any]) -> str:
     return json.dumps(json.loads(json.dumps(features, default=list)), sort_keys=True)
 
 
-class ServerPrewarm:
-    """Builds the server's policy and opens its eval datasets in a background thread (module doc)."""
-
-    def __init__(self, cfg) -> None:
-        self.cfg = cfg
-        self.features: dict[str, Any] | None = None
-        self.policy: Any = None
-        self.datasets: dict[Path, Any] = {}
-        self.error: str | None = None
-        self._thread = threading.Thread(target=self._work, name="zk0-server-prewarm", daemon=True)
-        self._thread.start()
-
-    def _work(self) -> None:
-        lower_thread_priority()
-        from zk0_pipelines.federated import dataset_view, task
-        from zk0_pipelines.policy import build_policy
-
-        try:
-            if not self.cfg.eval_paths:
-                return
-            metas = {root: task.open_metadata(root) for root in self.cfg.eval_paths}
-            first = self.cfg.eval_paths[0]
-            features = dict(dataset_view.policy_view(first, metas[first])[0])  # camera names as the policy's
-            policy = build_policy(self.cfg.policy_spec(), task.PolicyMeta(features=features, stats=None))
-            self.datasets = {root: task.open_dataset(root, policy, meta) for root, meta in metas.items()}
-            self.features, self.policy = features, policy
-        except Exception as exc:  # noqa: BLE001 - the normal path rebuilds and reports
-            self.error = f"{type(exc).__name__}: {exc}"
-            log.info("server prewarm skipped: %s", self.error)
-
-    def take_policy(self, features: dict[str, Any]) -> tuple[Any, dict[Path, Any]]:
-        """``(policy, opened eval datasets)`` built ahead for ``features``, or ``(None, {})`` if not built
-        for exactly those features. Waits for the background work to finish."""
-        self._thread.join()
-        if self.policy is None or self.features is None or _canonical(self.features) != _canonical(features):
-            return None, {}
-        policy, datasets = self.policy, self.datasets
-        self.policy, self.datasets = None, {}
-        return policy, datasets
-
-
 class BackgroundCall:
     """``fn()`` in a lower-priority thread started at once; :meth:`result` waits for it and returns its value
     or raises its exception."""
@@ -115,6 +74,45 @@ class BackgroundCall:
         if self._error is not None:
             raise self._error
         return self._value
+
+
+class ServerPrewarm:
+    """Builds the server's policy and opens its eval datasets in a background thread (module doc)."""
+
+    def __init__(self, cfg) -> None:
+        self.cfg = cfg
+        self.features: dict[str, Any] | None = None
+        self.policy: Any = None
+        self.datasets: dict[Path, Any] = {}
+        self.error: str | None = None
+        self._call = BackgroundCall(self._work, name="zk0-server-prewarm")
+
+    def _work(self) -> None:
+        try:
+            from zk0_pipelines.federated import dataset_view, task
+            from zk0_pipelines.policy import build_policy
+
+            if not self.cfg.eval_paths:
+                return
+            metas = {root: task.open_metadata(root) for root in self.cfg.eval_paths}
+            first = self.cfg.eval_paths[0]
+            features = dict(dataset_view.policy_view(first, metas[first])[0])  # camera names as the policy's
+            policy = build_policy(self.cfg.policy_spec(), task.PolicyMeta(features=features, stats=None))
+            self.datasets = {root: task.open_dataset(root, policy, meta) for root, meta in metas.items()}
+            self.features, self.policy = features, policy
+        except Exception as exc:  # noqa: BLE001 - the normal path rebuilds and reports
+            self.error = f"{type(exc).__name__}: {exc}"
+            log.info("server prewarm skipped: %s", self.error)
+
+    def take_policy(self, features: dict[str, Any]) -> tuple[Any, dict[Path, Any]]:
+        """``(policy, opened eval datasets)`` built ahead for ``features``, or ``(None, {})`` if not built
+        for exactly those features. Waits for the background work to finish."""
+        self._call.result()
+        if self.policy is None or self.features is None or _canonical(self.features) != _canonical(features):
+            return None, {}
+        policy, datasets = self.policy, self.datasets
+        self.policy, self.datasets = None, {}
+        return policy, datasets
 
 
 _CLIENT_THREADS: list[threading.Thread] = []
